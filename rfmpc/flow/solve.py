@@ -1,0 +1,239 @@
+"""Integrate the controlled flow ODE ``dx/dsigma = v(x, sigma, cond(sigma)) + u(sigma)``.
+
+The solve is diffrax's ``Euler`` with ``StepTo`` on the (decreasing) FlowMatch sigma grid, so the
+path is exactly diffusers' scheduler loop ``x <- x + (sigma_next - sigma) * (v + u)``; gradients
+flow through it with diffrax's ``RecursiveCheckpointAdjoint`` (memory ~ sqrt(steps) states).
+
+Pluggable pieces:
+
+* ``cond``: a conditioning pytree, or a *schedule* ``cond(sigma, step) -> pytree`` (e.g. a blend
+  of two prompts' embeddings with a weight that depends on the step).
+* ``control``: ``None``; an array of per-step controls of shape ``(stop - start, *x.shape)`` held
+  constant on each step (what shooting optimises); or a feedback law ``u(x, sigma, step)`` such as
+  an MPC policy. Controls are added to the velocity in units of ``dx/dsigma``.
+
+Steps are indices into the grid: step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]``.
+``start``/``stop`` are Python ints (static: one compilation per (start, stop, shape)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from rfmpc.flow.schedule import validate_sigmas
+from rfmpc.flow.state import TrajectoryState
+
+__all__ = ["PiecewiseConstantControl", "euler_reference", "integrate", "integrate_path"]
+
+
+class PiecewiseConstantControl(eqx.Module):
+    """Controls ``values[i - first_step]`` held constant over step ``i`` (``first_step`` static)."""
+
+    values: Array
+    first_step: int = eqx.field(static=True, default=0)
+
+    def __call__(self, x: Array, sigma: Array, step: Int[Array, ""]) -> Array:
+        idx = jnp.clip(step - self.first_step, 0, self.values.shape[0] - 1)
+        return self.values[idx]
+
+
+def _step_index(sigmas: Array, t: Array) -> Array:
+    """Index ``i`` with ``sigmas[i] == t`` (the step that starts at ``t``)."""
+    return jnp.argmin(jnp.abs(sigmas[:-1] - t)).astype(jnp.int32)
+
+
+def _resolve(state_or_x, sigmas, cond, start, stop, key):
+    if isinstance(state_or_x, TrajectoryState):
+        st = state_or_x
+        if sigmas is not None and not np.array_equal(np.asarray(sigmas), np.asarray(st.sigmas)):
+            raise ValueError(
+                "sigmas differs from the state's own grid; a state can only be resumed on the grid "
+                "it was started on (omit sigmas=)"
+            )
+        sigmas = st.sigmas
+        if start is None:
+            try:
+                start = int(st.step)
+            except jax.errors.ConcretizationTypeError as e:
+                raise ValueError(
+                    "state.step is traced (integrate was called under jit); pass start= as a "
+                    "Python int"
+                ) from e
+        elif start != int(st.step):
+            raise ValueError(f"start={start} but the state is at step {int(st.step)}")
+        x = st.x
+        cond = st.cond if cond is None else cond
+        key = st.key if key is None else key
+        meta = st.meta
+    else:
+        if sigmas is None:
+            raise ValueError("integrate(field, x, sigmas, ...) needs sigmas when given an array")
+        x = jnp.asarray(state_or_x)
+        start = 0 if start is None else start
+        meta = ()
+    sig = validate_sigmas(sigmas) if not isinstance(sigmas, jax.core.Tracer) else sigmas
+    n = int(np.shape(sig)[0]) - 1
+    stop = n if stop is None else stop
+    for name, v in (("start", start), ("stop", stop)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be a Python int, got {type(v).__name__}")
+    if not 0 <= start <= n:
+        raise ValueError(f"start={start} is out of range: the grid has steps 0..{n}")
+    if not start <= stop <= n:
+        raise ValueError(
+            f"stop={stop} is out of range: it must satisfy start={start} <= stop <= {n}"
+        )
+    return x, jnp.asarray(sigmas), cond, int(start), int(stop), key, meta
+
+
+def _make_control(control, start, stop, x):
+    if control is None or callable(control):
+        return control
+    values = jnp.asarray(control)
+    want = (stop - start, *x.shape)
+    if values.shape != want:
+        raise ValueError(
+            f"control array has shape {values.shape}; expected (stop - start, *x.shape) = {want}"
+        )
+    return PiecewiseConstantControl(values, first_step=start)
+
+
+def _check_field(field, x, sigmas, cond, start):
+    c = cond(sigmas[start], jnp.int32(start)) if callable(cond) else cond
+    try:
+        out = jax.eval_shape(field, x, sigmas[start], c)
+    except Exception as e:  # surface the field's own error with context
+        raise ValueError(f"the velocity field failed on x of shape {x.shape}: {e}") from e
+    if not hasattr(out, "shape") or out.shape != x.shape:
+        got = getattr(out, "shape", type(out).__name__)
+        raise ValueError(
+            f"the velocity field returned shape {got} for x of shape {x.shape}: the state and the "
+            "field do not match (wrong latent size/channels for this model?)"
+        )
+
+
+@eqx.filter_jit
+def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint):
+    def vf(t, y, args):
+        i = _step_index(sigmas, t)
+        c = cond(t, i) if callable(cond) else cond
+        v = field(y, t, c)
+        if control is not None:
+            v = v + control(y, t, i)
+        return v.astype(y.dtype)
+
+    ts = sigmas[start : stop + 1]
+    saveat = diffrax.SaveAt(t0=True, steps=True) if save_path else diffrax.SaveAt(t1=True)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf),
+        diffrax.Euler(),
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=None,
+        y0=x,
+        stepsize_controller=diffrax.StepTo(ts=ts),
+        saveat=saveat,
+        adjoint=adjoint,
+        max_steps=stop - start,
+    )
+    return sol.ys
+
+
+def integrate(
+    field: Callable[[Array, Array, Any], Array],
+    state_or_x: TrajectoryState | Array,
+    sigmas: Float[Array, " n_plus_1"] | None = None,
+    cond: Any = None,
+    *,
+    control: Any = None,
+    start: int | None = None,
+    stop: int | None = None,
+    key: Any = None,
+    adjoint: diffrax.AbstractAdjoint | None = None,
+) -> TrajectoryState:
+    """Run Euler steps ``start .. stop - 1`` of the controlled ODE and return the new state.
+
+    Args:
+        field: a velocity field ``v(x, sigma, cond)``. Pass a stable object (a function defined
+            once, or an ``equinox.Module``) to avoid recompiling on every call.
+        state_or_x: a :class:`TrajectoryState` to resume (its grid, step, key and cond are used), or
+            a latent ``x`` at ``sigmas[start]``.
+        sigmas: the grid (required with an array; must equal the state's grid otherwise).
+        cond: conditioning pytree or schedule ``cond(sigma, step)``; default: the state's cond.
+        control: None, a per-step array ``(stop - start, *x.shape)``, or ``u(x, sigma, step)``.
+        start: first step (default: the state's step, or 0). Python int.
+        stop: one past the last step (default: the end of the grid). Python int.
+        key: PRNG key stored in the returned state (default: the state's key).
+        adjoint: diffrax adjoint (default ``RecursiveCheckpointAdjoint()``; exact gradients).
+
+    Returns:
+        The :class:`TrajectoryState` at step ``stop`` (if ``cond`` was a schedule, the returned
+        state keeps the input state's cond).
+    """
+    x, sig, cond, start, stop, key, meta = _resolve(state_or_x, sigmas, cond, start, stop, key)
+    ctrl = _make_control(control, start, stop, x)
+    state_cond = cond if not callable(cond) else getattr(state_or_x, "cond", None)
+    if stop == start:
+        return TrajectoryState(x=x, step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
+    _check_field(field, x, sig, cond, start)
+    adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
+    ys = _solve(field, x, sig, cond, ctrl, start, stop, False, adjoint)
+    return TrajectoryState(x=ys[-1], step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
+
+
+def integrate_path(
+    field: Callable[[Array, Array, Any], Array],
+    state_or_x: TrajectoryState | Array,
+    sigmas: Float[Array, " n_plus_1"] | None = None,
+    cond: Any = None,
+    *,
+    control: Any = None,
+    start: int | None = None,
+    stop: int | None = None,
+    key: Any = None,
+    adjoint: diffrax.AbstractAdjoint | None = None,
+) -> tuple[TrajectoryState, Array]:
+    """Like :func:`integrate`, also returning every state ``x_start .. x_stop``.
+
+    Returns:
+        ``(final_state, xs)`` with ``xs`` of shape ``(stop - start + 1, *x.shape)``;
+        ``xs[j]`` is the latent at step ``start + j`` (``xs[-1]`` is bit-identical to the final
+        state's ``x``).
+    """
+    x, sig, cond, start, stop, key, meta = _resolve(state_or_x, sigmas, cond, start, stop, key)
+    ctrl = _make_control(control, start, stop, x)
+    state_cond = cond if not callable(cond) else getattr(state_or_x, "cond", None)
+    if stop == start:
+        st = TrajectoryState(x=x, step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
+        return st, x[None]
+    _check_field(field, x, sig, cond, start)
+    adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
+    ys = _solve(field, x, sig, cond, ctrl, start, stop, True, adjoint)
+    st = TrajectoryState(x=ys[-1], step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
+    return st, ys
+
+
+def euler_reference(
+    field, x, sigmas, cond=None, *, start: int = 0, stop: int | None = None, control=None
+) -> Array:
+    """A plain Python loop ``x <- x + (sigma_next - sigma) * (v + u)``: the diffusers scheduler.
+
+    Not jitted and not fast: it is the oracle the diffrax path is tested against.
+    """
+    stop = int(np.shape(sigmas)[0]) - 1 if stop is None else stop
+    for i in range(start, stop):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        c = cond(s, jnp.int32(i)) if callable(cond) else cond
+        v = field(x, s, c)
+        if control is not None:
+            v = v + (control(x, s, jnp.int32(i)) if callable(control) else control[i - start])
+        x = x + (s_next - s) * v.astype(x.dtype)
+    return x
