@@ -97,8 +97,13 @@ class SafetensorsFile:
         dtype, shape, begin, end = self._entries[name]
         if end == begin:
             return np.zeros(shape, dtype)
-        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start + begin,
-                       shape=(end - begin,))
+        mm = np.memmap(
+            self.path,
+            dtype=np.uint8,
+            mode="r",
+            offset=self._data_start + begin,
+            shape=(end - begin,),
+        )
         return mm.view(dtype).reshape(shape)
 
 
@@ -147,8 +152,9 @@ class TensorSource(Mapping[str, np.ndarray]):
         for f in self.files:
             for k in f.keys():
                 if k in self._where:
-                    raise WeightLoadError(f"tensor {k!r} appears in both {self._where[k].path} "
-                                          f"and {f.path}")
+                    raise WeightLoadError(
+                        f"tensor {k!r} appears in both {self._where[k].path} and {f.path}"
+                    )
                 self._where[k] = f
         self.consumed: set[str] = set()
 
@@ -185,8 +191,9 @@ class TensorSource(Mapping[str, np.ndarray]):
         return arr
 
     def assert_all_consumed(self, ignore: Callable[[str], bool] | None = None) -> None:
-        left = sorted(k for k in self._where if k not in self.consumed
-                      and not (ignore and ignore(k)))
+        left = sorted(
+            k for k in self._where if k not in self.consumed and not (ignore and ignore(k))
+        )
         if left:
             shown = ", ".join(f"{k!r} ({self.file_of(k).name})" for k in left[:10])
             more = f" and {len(left) - 10} more" if len(left) > 10 else ""
@@ -207,18 +214,22 @@ def _path_str(path) -> str:
     return ".".join(parts)
 
 
-def load_into_model(model, params: Mapping[str, np.ndarray], *, source: str, dtype=None):
+def load_into_model(
+    model, params: Mapping[str, np.ndarray], *, source: str, dtype=None, variables=None
+):
     """Assign ``params`` (dotted nnx paths -> arrays, already in rfmpc layout) into ``model``.
 
-    Every ``nnx.Param`` of the model must be given exactly once with the right shape; any missing,
-    extra or mis-shaped entry raises :class:`WeightLoadError` naming the key, both shapes and
-    ``source``. Arrays are cast to ``dtype`` (default: the model's parameter dtype) one at a
-    time, so the host never holds a second full copy of the weights.
+    Every variable of the model selected by the nnx filter ``variables`` (default
+    ``nnx.Param``; e.g. ``(nnx.Param, Buffer)`` to also fill non-trainable checkpoint buffers)
+    must be given exactly once with the right shape; any missing, extra or mis-shaped entry
+    raises :class:`WeightLoadError` naming the key, both shapes and ``source``. Arrays are cast
+    to ``dtype`` (default: each variable's dtype) one at a time, so the host never holds a
+    second full copy of the weights. ``model`` may be abstract (from ``nnx.eval_shape``).
     """
     import jax.numpy as jnp
     from flax import nnx
 
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, nnx.Param if variables is None else variables)
     flat = dict(nnx.to_flat_state(state))
     expected = {_path_str(k): k for k in flat}
     missing = sorted(set(expected) - set(params))
@@ -235,13 +246,14 @@ def load_into_model(model, params: Mapping[str, np.ndarray], *, source: str, dty
     for name, key in expected.items():
         var = flat[key]
         arr = params[name]
-        want = tuple(var.value.shape)
+        current = var.get_value()
+        want = tuple(current.shape)
         if tuple(arr.shape) != want:
             raise WeightLoadError(
                 f"parameter {name!r} from {source}: got shape {tuple(arr.shape)}, model expects "
                 f"{want}"
             )
-        target = dtype if dtype is not None else var.value.dtype
-        var.value = jnp.asarray(np.asarray(arr), dtype=target)
+        target = dtype if dtype is not None else current.dtype
+        var.set_value(jnp.asarray(np.asarray(arr), dtype=target))
     nnx.update(model, nnx.from_flat_state(flat))
     return model

@@ -1,0 +1,24 @@
+"""Flax (nnx) networks: the SD3 / SD3.5 MM-DiT, its configs, loading and rfmpc's format.
+
+Entry point: :func:`load_transformer` (diffusers or rfmpc folder -> jitted callable).
+"""
+
+from rfmpc.models.attention import JointAttention
+from rfmpc.models.configs import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiTConfig
+from rfmpc.models.mmdit import MMDiT
+from rfmpc.models.serialization import load_model, save_model
+from rfmpc.models.transformer import Transformer, load_transformer, save_transformer
+
+__all__ = [
+    "SD3_MEDIUM",
+    "SD35_LARGE",
+    "SD35_MEDIUM",
+    "JointAttention",
+    "MMDiT",
+    "MMDiTConfig",
+    "Transformer",
+    "load_model",
+    "load_transformer",
+    "save_model",
+    "save_transformer",
+]

@@ -1,0 +1,183 @@
+"""Load an SD3 MM-DiT (diffusers or rfmpc folder) as a jitted, pure function of its parameters.
+
+:func:`load_transformer` is the public entry point: it accepts
+
+- a diffusers transformer folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or a
+  sharded ``diffusion_pytorch_model.safetensors.index.json``), or a whole diffusers pipeline
+  folder (its ``transformer/`` subfolder is used);
+- an rfmpc-format folder written by :func:`save_transformer` / ``rfmpc convert``,
+
+builds the model abstractly (``nnx.eval_shape``), converts strictly and returns a
+:class:`Transformer`: call it like the network, or use :meth:`Transformer.apply` with explicit
+parameters for gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from rfmpc.models.configs import MMDiTConfig
+from rfmpc.models.mmdit import MMDiT
+from rfmpc.models.serialization import is_rfmpc_folder, load_model, save_model
+
+__all__ = ["KIND", "Transformer", "load_transformer", "save_transformer"]
+
+#: Kind tag of MM-DiT folders in rfmpc's format.
+KIND = "mmdit"
+
+
+def _apply(graphdef, params, buffers, hidden_states, timestep, encoder_hidden_states, pooled):
+    module = nnx.merge(graphdef, params, buffers)
+    return module(hidden_states, timestep, encoder_hidden_states, pooled)
+
+
+# One compiled executable per (architecture, input shapes/dtypes), shared by all instances.
+_apply_jit = jax.jit(_apply, static_argnums=0)
+
+
+@jax.tree_util.register_pytree_node_class
+class Transformer:
+    """A loaded MM-DiT: ``model(hidden_states_nhwc, timestep, encoder_hidden_states, pooled)``.
+
+    Calling it runs a ``jax.jit``-compiled forward (compiled once per input shape). It is a
+    pytree (leaves: ``params`` and ``buffers``), so it can be passed into jitted functions.
+
+    Attributes:
+        config: the :class:`~rfmpc.models.configs.MMDiTConfig`.
+        module: the nnx :class:`~rfmpc.models.mmdit.MMDiT` (shares arrays with ``params``).
+        graphdef: its nnx graph definition (static structure).
+        params: ``nnx.State`` of the trainable parameters (``nnx.Param``).
+        buffers: ``nnx.State`` of the other variables (the position table).
+    """
+
+    def __init__(self, graphdef, params, buffers, config: MMDiTConfig):
+        self.graphdef = graphdef
+        self.params = params
+        self.buffers = buffers
+        self.config = config
+
+    @classmethod
+    def from_module(cls, module: MMDiT) -> Transformer:
+        graphdef, params, buffers = nnx.split(module, nnx.Param, ...)
+        return cls(graphdef, params, buffers, module.config)
+
+    @property
+    def module(self) -> MMDiT:
+        return nnx.merge(self.graphdef, self.params, self.buffers)
+
+    @property
+    def dtype(self):
+        return self.module.dtype
+
+    def apply(
+        self,
+        params,
+        hidden_states: Float[Array, "b h w c"],
+        timestep: Float[Array, " b"] | float,
+        encoder_hidden_states: Float[Array, "b m j"],
+        pooled_projections: Float[Array, "b p"],
+        *,
+        buffers=None,
+    ) -> Float[Array, "b h w o"]:
+        """Pure forward with explicit ``params`` (not jitted: use it inside ``jax.grad``/``jit``).
+
+        ``buffers`` defaults to this model's (pass them explicitly in jitted code to avoid
+        capturing the position table as a constant).
+        """
+        buffers = self.buffers if buffers is None else buffers
+        return _apply(
+            self.graphdef,
+            params,
+            buffers,
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            pooled_projections,
+        )
+
+    def __call__(
+        self,
+        hidden_states: Float[Array, "b h w c"],
+        timestep: Float[Array, " b"] | float,
+        encoder_hidden_states: Float[Array, "b m j"],
+        pooled_projections: Float[Array, "b p"],
+    ) -> Float[Array, "b h w o"]:
+        """Velocity at ``timestep = sigma * 1000`` (scalar or ``(b,)``), NHWC in and out."""
+        # Scalars and (b,) arrays share one executable: broadcast before the jit boundary.
+        timestep = jnp.asarray(timestep, jnp.float32)
+        if timestep.ndim == 0 and hidden_states.ndim >= 1:
+            timestep = jnp.broadcast_to(timestep, hidden_states.shape[:1])
+        return _apply_jit(
+            self.graphdef,
+            self.params,
+            self.buffers,
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            pooled_projections,
+        )
+
+    def tree_flatten(self):
+        return (self.params, self.buffers), (self.graphdef, self.config)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        graphdef, config = aux
+        params, buffers = children
+        return cls(graphdef, params, buffers, config)
+
+    def __repr__(self) -> str:
+        n = sum(x.size for x in jax.tree.leaves(self.params))
+        return f"Transformer({self.config}, params={n:,})"
+
+
+def _resolve_folder(folder: Path) -> Path:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory; pass a transformer model folder")
+    if (folder / "model_index.json").is_file() and (folder / "transformer").is_dir():
+        return folder / "transformer"
+    return folder
+
+
+def load_transformer(folder: str | os.PathLike, dtype=jnp.float32) -> Transformer:
+    """Load an SD3/SD3.5 MM-DiT from a diffusers or rfmpc folder as a jitted callable.
+
+    Args:
+        folder: diffusers transformer folder, diffusers pipeline folder, or rfmpc-format folder.
+        dtype: parameter and compute dtype (``jnp.float32`` or ``jnp.bfloat16``; LayerNorms,
+            softmax, residual streams and adaLN modulation stay float32 either way).
+
+    Returns a :class:`Transformer`. Raises
+    :class:`~weights_conversion.safetensors_io.WeightLoadError` on any missing, extra or
+    mis-shaped key, and ``ValueError`` on an unsupported config.
+    """
+    from weights_conversion.mmdit import load_diffusers_mmdit
+
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    folder = _resolve_folder(Path(folder))
+    if is_rfmpc_folder(folder):
+
+        def build(cfg):
+            config = MMDiTConfig.from_diffusers(cfg)
+            return MMDiT(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+
+        module, _ = load_model(folder, build, kind=KIND)
+    else:
+        module, _ = load_diffusers_mmdit(folder, dtype=dtype, param_dtype=dtype)
+    return Transformer.from_module(module)
+
+
+def save_transformer(model: Transformer | MMDiT, folder: str | os.PathLike) -> Path:
+    """Save an MM-DiT in rfmpc's format (``config.json`` + ``model.safetensors``)."""
+    module = model.module if isinstance(model, Transformer) else model
+    if not isinstance(module, MMDiT):
+        raise TypeError(f"model must be a Transformer or MMDiT, got {type(model).__name__}")
+    return save_model(module, folder, module.config.to_diffusers(), kind=KIND)
