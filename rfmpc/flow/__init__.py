@@ -1,6 +1,7 @@
 """The flow engine: FlowMatch schedule, velocity fields, the controlled ODE and resumable states."""
 
 from rfmpc.flow.fields import (
+    ClassifierFreeGuidance,
     ConditionalGaussianMixture,
     GaussianMixture,
     VelocityField,
@@ -16,6 +17,7 @@ from rfmpc.flow.solve import PiecewiseConstantControl, euler_reference, integrat
 from rfmpc.flow.state import StateFileError, TrajectoryState, init_state
 
 __all__ = [
+    "ClassifierFreeGuidance",
     "ConditionalGaussianMixture",
     "GaussianMixture",
     "PiecewiseConstantControl",

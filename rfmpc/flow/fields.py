@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 __all__ = [
+    "ClassifierFreeGuidance",
     "ConditionalGaussianMixture",
     "GaussianMixture",
     "VelocityField",
@@ -46,40 +47,52 @@ class VelocityField(Protocol):
     def __call__(self, x: Array, sigma: Array, cond: Any) -> Array: ...
 
 
+class ClassifierFreeGuidance(eqx.Module):
+    """A velocity field with classifier-free guidance (Ho & Salimans, 2022).
+
+    Takes ``cond = (cond, uncond)`` (two pytrees with the same structure) and returns
+    ``v_u + g (v_c - v_u)``, as diffusers' SD3 pipeline does. With ``batched=True`` both branches
+    run as one call on the batch concatenation ``[uncond; cond]`` along axis 0 (so ``x`` needs a
+    leading batch axis), which is how the SD3 pipeline amortises CFG. ``guidance_scale <= 1``
+    evaluates the conditional branch only (diffusers skips CFG there).
+
+    It is an ``equinox.Module``: a wrapped model's parameters stay pytree leaves, so jitted
+    solvers trace them as arguments instead of baking them into the program as constants.
+    """
+
+    field: Callable[[Array, Array, Any], Array]
+    guidance_scale: float = eqx.field(static=True)
+    batched: bool = eqx.field(static=True, default=True)
+
+    def __check_init__(self):
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+
+    def __call__(self, x, sigma, cond):
+        if not (isinstance(cond, (tuple, list)) and len(cond) == 2):
+            raise TypeError("a guided field takes cond=(cond, uncond); got " + type(cond).__name__)
+        c, u = cond
+        g = self.guidance_scale
+        if g <= 1.0:
+            return self.field(x, sigma, c)
+        if self.batched:
+            both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), u, c)
+            xx = jnp.concatenate([x, x], axis=0)
+            v = self.field(xx, sigma, both)
+            v_u, v_c = jnp.split(v, 2, axis=0)
+        else:
+            v_u, v_c = self.field(x, sigma, u), self.field(x, sigma, c)
+        return v_u + g * (v_c - v_u)
+
+
 def classifier_free_guidance(
     field: Callable[[Array, Array, Any], Array],
     guidance_scale: float,
     *,
     batched: bool = True,
-) -> Callable[[Array, Array, Any], Array]:
-    """Wrap ``field`` with classifier-free guidance (Ho & Salimans, 2022).
-
-    The returned field takes ``cond = (cond, uncond)`` (two pytrees with the same structure)
-    and returns ``v_u + g (v_c - v_u)``, as diffusers' SD3 pipeline does. With ``batched=True``
-    both branches run as one call on the batch concatenation ``[uncond; cond]`` along axis 0
-    (so ``x`` needs a leading batch axis), which is how the SD3 pipeline amortises CFG.
-    ``guidance_scale <= 1`` returns the conditional branch only (diffusers skips CFG there).
-    """
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-    g = float(guidance_scale)
-
-    def guided(x, sigma, cond):
-        if not (isinstance(cond, (tuple, list)) and len(cond) == 2):
-            raise TypeError("a guided field takes cond=(cond, uncond); got " + type(cond).__name__)
-        c, u = cond
-        if g <= 1.0:
-            return field(x, sigma, c)
-        if batched:
-            both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), u, c)
-            xx = jnp.concatenate([x, x], axis=0)
-            v = field(xx, sigma, both)
-            v_u, v_c = jnp.split(v, 2, axis=0)
-        else:
-            v_u, v_c = field(x, sigma, u), field(x, sigma, c)
-        return v_u + g * (v_c - v_u)
-
-    return guided
+) -> ClassifierFreeGuidance:
+    """Wrap ``field`` with classifier-free guidance; see :class:`ClassifierFreeGuidance`."""
+    return ClassifierFreeGuidance(field, float(guidance_scale), batched)
 
 
 def _lead(w, like):

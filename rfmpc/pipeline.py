@@ -1,0 +1,557 @@
+"""prompt -> conditioning -> sample -> decode, for SD3 folders and the embedded default model.
+
+:func:`load_pipeline` builds a :class:`Pipeline` from
+
+* ``None``: the embedded default model shipped in ``rfmpc/assets/embedded`` (a small pixel-space
+  MM-DiT trained by this project, with its own text encoder);
+* a local diffusers ``StableDiffusion3Pipeline`` folder (``model_index.json`` + transformer, vae,
+  text_encoder (CLIP-L), text_encoder_2 (CLIP-G), optional text_encoder_3 (T5) and tokenizers),
+  converted on load without torch.
+
+Both go through the same code: a text encoder produces ``{"embeds", "pooled"}``, the MM-DiT is a
+pure :class:`ModelField` ``v(x, sigma, cond)``, classifier-free guidance wraps it, the flow core
+integrates it on the FlowMatch grid (so states can be captured at any step for the cache), and a
+codec decodes latents to images. The SD3 prompt encoding mirrors diffusers exactly: CLIP-L and
+CLIP-G penultimate hidden states concatenated on the feature axis and zero-padded to the T5
+width, followed on the sequence axis by T5's states (zeros if T5 is absent), and the two pooled
+projections concatenated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from rfmpc.flow import (
+    TrajectoryState,
+    classifier_free_guidance,
+    flowmatch_sigmas,
+    integrate,
+)
+
+__all__ = [
+    "EMBEDDED_DIR",
+    "ModelField",
+    "Pipeline",
+    "PipelineOutput",
+    "PixelCodec",
+    "VAECodec",
+    "load_pipeline",
+]
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
+
+
+# ----------------------------------------------------------------------------- the model field
+class ModelField(eqx.Module):
+    """An MM-DiT as a velocity field ``v(x, sigma, {"embeds", "pooled"})`` (pure, a pytree)."""
+
+    transformer: Any
+
+    def __call__(self, x: Float[Array, "b h w c"], sigma, cond) -> Float[Array, "b h w c"]:
+        t = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32) * jnp.float32(1000.0), x.shape[:1])
+        tr = self.transformer
+        v = tr.apply(tr.params, x, t, cond["embeds"], cond["pooled"], buffers=tr.buffers)
+        return v.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- codecs
+class PixelCodec:
+    """Pixel-space "latents": images in [0, 1] <-> model space [-1, 1] (the embedded model)."""
+
+    latent_channels = 3
+    downscale = 1
+
+    def decode(self, latents: Float[Array, "b h w c"]) -> Float[Array, "b h w c"]:
+        return jnp.clip((latents + 1.0) * 0.5, 0.0, 1.0)
+
+    def encode(self, images: Float[Array, "b h w c"]) -> Float[Array, "b h w c"]:
+        return jnp.asarray(images, jnp.float32) * 2.0 - 1.0
+
+    def describe(self) -> dict:
+        return {"codec": "pixel"}
+
+
+class VAECodec:
+    """SD3's VAE: model latents <-> images, with the config's scaling and shift factors."""
+
+    downscale = 8
+
+    def __init__(self, vae):
+        from flax import nnx
+
+        self.vae = vae
+        self.config = vae.config
+        self.latent_channels = vae.config.latent_channels
+        self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+        graphdef, state = nnx.split(vae)
+        self._state = state
+        self._decode = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+        self._encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x)[0])
+
+    def _scale_shift(self):
+        shift = self.config.shift_factor or 0.0
+        return self.config.scaling_factor, shift
+
+    def decode(self, latents: Float[Array, "b h w c"]) -> Float[Array, "b H W 3"]:
+        scale, shift = self._scale_shift()
+        z = latents / scale + shift
+        img = self._decode(self._state, z)
+        return jnp.clip(img * 0.5 + 0.5, 0.0, 1.0)
+
+    def encode(self, images: Float[Array, "b H W 3"]) -> Float[Array, "b h w c"]:
+        scale, shift = self._scale_shift()
+        mean = self._encode(self._state, jnp.asarray(images, jnp.float32) * 2.0 - 1.0)
+        return (mean - shift) * scale
+
+    def describe(self) -> dict:
+        return {"codec": "vae", **dataclasses.asdict(self.config)}
+
+
+# ----------------------------------------------------------------------------- text encoders
+class EmbeddedTextEncoder:
+    """The embedded model's small text encoder: prompts -> ``{"embeds", "pooled"}``."""
+
+    def __init__(self, prompt_encoder):
+        self.encoder = prompt_encoder
+
+    def __call__(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> dict:
+        seq, pooled = self.encoder.encode(list(prompts))
+        return {"embeds": seq, "pooled": pooled}
+
+    def pooled(self, prompts: Sequence[str]) -> Float[Array, "b p"]:
+        return self.encoder.encode(list(prompts))[1]
+
+
+class SD3TextEncoders:
+    """CLIP-L + CLIP-G (+ optional T5) exactly as diffusers' ``StableDiffusion3Pipeline``."""
+
+    def __init__(self, clip_l, clip_g, t5, tok_l, tok_g, tok_t5, joint_attention_dim: int):
+        from flax import nnx
+
+        self.tok_l, self.tok_g, self.tok_t5 = tok_l, tok_g, tok_t5
+        self.joint_attention_dim = joint_attention_dim
+        self.has_t5 = t5 is not None
+
+        def clip_fn(module):
+            g, s = nnx.split(module)
+
+            def run(s, ids):
+                out = nnx.merge(g, s)(ids)
+                return out.penultimate, out.text_embeds
+
+            return jax.jit(run), s
+
+        self._clip_l, self._s_l = clip_fn(clip_l)
+        self._clip_g, self._s_g = clip_fn(clip_g)
+        if t5 is not None:
+            g5, s5 = nnx.split(t5)
+            self._t5 = jax.jit(lambda s, ids: nnx.merge(g5, s)(ids))
+            self._s_t5 = s5
+
+    @staticmethod
+    def _ids(tokenizer, prompts, max_length):
+        out = tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="np",
+        )
+        return jnp.asarray(out["input_ids"], jnp.int32)
+
+    def __call__(self, prompts: Sequence[str], max_sequence_length: int = 256) -> dict:
+        prompts = list(prompts)
+        max_l = self.tok_l.model_max_length
+        e_l, p_l = self._clip_l(self._s_l, self._ids(self.tok_l, prompts, max_l))
+        e_g, p_g = self._clip_g(self._s_g, self._ids(self.tok_g, prompts, max_l))
+        clip = jnp.concatenate([e_l, e_g], axis=-1)
+        if self.has_t5:
+            t5 = self._t5(self._s_t5, self._ids(self.tok_t5, prompts, max_sequence_length))
+        else:
+            t5 = jnp.zeros(
+                (len(prompts), max_sequence_length, self.joint_attention_dim), clip.dtype
+            )
+        pad = t5.shape[-1] - clip.shape[-1]
+        if pad < 0:
+            raise ValueError(
+                f"CLIP features ({clip.shape[-1]}) are wider than the joint attention dim "
+                f"({t5.shape[-1]}): the text encoders do not match the transformer"
+            )
+        clip = jnp.pad(clip, ((0, 0), (0, 0), (0, pad)))
+        embeds = jnp.concatenate([clip, t5.astype(clip.dtype)], axis=-2)
+        return {"embeds": embeds, "pooled": jnp.concatenate([p_l, p_g], axis=-1)}
+
+    def pooled(self, prompts: Sequence[str]) -> Float[Array, "b p"]:
+        max_l = self.tok_l.model_max_length
+        _, p_l = self._clip_l(self._s_l, self._ids(self.tok_l, prompts, max_l))
+        _, p_g = self._clip_g(self._s_g, self._ids(self.tok_g, prompts, max_l))
+        return jnp.concatenate([p_l, p_g], axis=-1)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+@dataclasses.dataclass
+class PipelineOutput:
+    """``images`` (NHWC float32 in [0, 1], a list of PIL images, or latents), the final latents,
+    and the :class:`TrajectoryState` captured at each requested step."""
+
+    images: Any
+    latents: Array
+    states: dict[int, TrajectoryState]
+    sigmas: Array
+
+
+class _Progress:
+    """A tqdm bar advanced from inside the jitted solve via ``jax.debug.callback``."""
+
+    bar = None
+
+    @classmethod
+    def tick(cls, *_):
+        if cls.bar is not None:
+            cls.bar.update(1)
+
+
+class _ProgressField(eqx.Module):
+    field: Any
+
+    def __call__(self, x, sigma, cond):
+        v = self.field(x, sigma, cond)
+        jax.debug.callback(_Progress.tick, sigma, ordered=False)
+        return v
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A text-to-image rectified-flow pipeline (see the module docstring).
+
+    Attributes:
+        transformer: the loaded MM-DiT (:class:`rfmpc.models.Transformer`).
+        text_encoder: prompts -> ``{"embeds", "pooled"}`` (``.pooled(prompts)`` for the cache).
+        codec: latents <-> images.
+        shift: the FlowMatch shift of the scheduler.
+        model_id: a name for this model (cache entries from another model are never used).
+        default_size: default image (height, width) in pixels.
+        default_steps / default_guidance: defaults for :meth:`__call__`.
+    """
+
+    transformer: Any
+    text_encoder: Any
+    codec: Any
+    shift: float = 3.0
+    model_id: str = "model"
+    default_size: tuple[int, int] = (1024, 1024)
+    default_steps: int = 28
+    default_guidance: float = 7.0
+    mu: float | None = None
+
+    @property
+    def field(self) -> ModelField:
+        return ModelField(self.transformer)
+
+    def guided_field(self, guidance_scale: float):
+        """``field`` with CFG; ``cond = (cond, uncond)``."""
+        return classifier_free_guidance(self.field, guidance_scale)
+
+    def config_hash(self, latent_shape: tuple[int, ...], num_steps: int) -> str:
+        """Identity of (model, latent shape, schedule): cache entries must match it exactly."""
+        rec = {
+            "model_id": self.model_id,
+            "mmdit": self.transformer.config.to_diffusers(),
+            "codec": self.codec.describe(),
+            "latent_shape": list(latent_shape[1:]),
+            "num_steps": int(num_steps),
+            "shift": self.shift,
+            "mu": self.mu,
+        }
+        return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
+
+    def sigmas(self, num_steps: int) -> Float[Array, " n_plus_1"]:
+        return flowmatch_sigmas(num_steps, self.shift, mu=self.mu)
+
+    def latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple:
+        h, w = height or self.default_size[0], width or self.default_size[1]
+        f = self.codec.downscale * self.transformer.config.patch_size
+        if h % f or w % f:
+            raise ValueError(
+                f"height and width must be multiples of {f} (VAE factor {self.codec.downscale} x "
+                f"patch {self.transformer.config.patch_size}), got {h}x{w}"
+            )
+        return (
+            batch,
+            h // self.codec.downscale,
+            w // self.codec.downscale,
+            self.codec.latent_channels,
+        )
+
+    def encode_prompt(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        max_sequence_length: int = 256,
+    ) -> tuple[dict, dict]:
+        """``(cond, uncond)`` conditioning pytrees for a batch of prompts (negative default "")."""
+        prompts = _as_list(prompt, "prompt")
+        if negative_prompt is None:
+            negs = [""] * len(prompts)
+        else:
+            negs = _as_list(negative_prompt, "negative_prompt")
+            if len(negs) == 1 and len(prompts) > 1:
+                negs = negs * len(prompts)
+            if len(negs) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt has {len(negs)} entries but prompt has {len(prompts)}; "
+                    "give one negative prompt or one per prompt"
+                )
+        both = self.text_encoder(prompts + negs, max_sequence_length)
+        n = len(prompts)
+        cond = jax.tree.map(lambda a: a[:n], both)
+        uncond = jax.tree.map(lambda a: a[n:], both)
+        return cond, uncond
+
+    def decode(self, latents: Float[Array, "b h w c"]) -> Float[Array, "b H W 3"]:
+        return self.codec.decode(latents)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: Array | None = None,
+        max_sequence_length: int = 256,
+        seed: int | None = None,
+        key: Array | None = None,
+        output_type: str = "np",
+        return_states: Sequence[int] = (),
+        progress: bool = False,
+    ) -> PipelineOutput:
+        """Generate images (diffusers' ``StableDiffusion3Pipeline.__call__`` semantics).
+
+        Args:
+            prompt: one prompt or a list (the batch).
+            negative_prompt: for classifier-free guidance (default "").
+            num_inference_steps: Euler steps N (default: the model's, 28).
+            guidance_scale: CFG scale (<= 1 disables CFG).
+            height, width: image size in pixels (default: the model's).
+            latents: initial noise, NHWC (default: ``jax.random.normal(key, shape)``).
+            max_sequence_length: T5 tokens (SD3 only).
+            seed / key: randomness for the initial noise (one of them, or ``latents``).
+            output_type: ``"np"`` (NHWC float32 in [0, 1]), ``"pil"`` or ``"latent"``.
+            return_states: steps k at which to capture the :class:`TrajectoryState` (0..N).
+            progress: show a progress bar over denoising steps.
+        """
+        steps = self.default_steps if num_inference_steps is None else num_inference_steps
+        g = self.default_guidance if guidance_scale is None else guidance_scale
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
+        if not (isinstance(g, (int, float)) and np.isfinite(g) and g >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
+        if output_type not in ("np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
+        prompts = _as_list(prompt, "prompt")
+        shape = self.latent_shape(len(prompts), height, width)
+        if latents is None:
+            if key is None:
+                if seed is None:
+                    raise ValueError("give seed=, key= or latents= (randomness is explicit)")
+                key = jax.random.key(int(seed))
+            latents = jax.random.normal(key, shape, jnp.float32)
+        else:
+            latents = jnp.asarray(latents)
+            if latents.shape != shape:
+                raise ValueError(
+                    f"latents must have shape {shape} (NHWC) for {len(prompts)} prompt(s) at this "
+                    f"size, got {latents.shape}"
+                )
+            if not bool(jnp.all(jnp.isfinite(latents))):
+                raise ValueError("latents contain NaN or inf")
+        ks = sorted({int(k) for k in return_states})
+        if any(k < 0 or k > steps for k in ks):
+            raise ValueError(f"return_states must be steps in [0, {steps}], got {list(ks)}")
+        cond, uncond = self.encode_prompt(
+            prompts, negative_prompt, max_sequence_length=max_sequence_length
+        )
+        field = self.guided_field(g)
+        sig = self.sigmas(steps)
+        meta = {
+            "model_id": self.model_id,
+            "prompt": prompts[0] if len(prompts) == 1 else "",
+            "guidance_scale": float(g),
+        }
+        state = TrajectoryState(
+            x=latents, step=0, sigmas=sig, key=key, cond=(cond, uncond), meta=meta
+        )
+        if progress:
+            from tqdm import tqdm
+
+            _Progress.bar = tqdm(total=steps, desc="denoise", dynamic_ncols=True)
+            run_field = _ProgressField(field)
+        else:
+            run_field = field
+        states: dict[int, TrajectoryState] = {}
+        try:
+            for k in [*ks, steps]:
+                if k > int(state.step):
+                    state = integrate(run_field, state, stop=k)
+                if k in ks:
+                    states[k] = state
+        finally:
+            if progress:
+                jax.effects_barrier()
+                _Progress.bar.close()
+                _Progress.bar = None
+        images = state.x if output_type == "latent" else self.decode(state.x)
+        if output_type == "pil":
+            images = to_pil(images)
+        elif output_type == "np":
+            images = np.asarray(images, np.float32)
+        return PipelineOutput(images=images, latents=state.x, states=states, sigmas=sig)
+
+
+def _as_list(prompt, name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt):
+        raise TypeError(f"{name} must be a string or a list of strings")
+    if len(prompt) == 0:
+        raise ValueError(f"{name} is an empty list; give at least one prompt")
+    return list(prompt)
+
+
+def to_pil(images) -> list:
+    """NHWC float images in [0, 1] -> a list of ``PIL.Image`` (RGB)."""
+    from PIL import Image
+
+    arr = np.asarray(images, np.float32)
+    return [Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)) for a in arr]
+
+
+# ----------------------------------------------------------------------------- loading
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path} is missing") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _load_embedded(folder: Path, dtype) -> Pipeline:
+    from rfmpc.models import load_transformer
+    from rfmpc.models.text_encoder import load_text_encoder
+
+    index = _read_json(folder / "model_index.json")
+    te_dir = (folder / index.get("text_encoder", "text_encoder")).resolve()
+    transformer = load_transformer(folder / "transformer", dtype=dtype)
+    enc = load_text_encoder(te_dir)
+    return Pipeline(
+        transformer=transformer,
+        text_encoder=EmbeddedTextEncoder(enc),
+        codec=PixelCodec(),
+        shift=float(index.get("shift", 1.0)),
+        model_id=index.get("model_id", "rfmpc-embedded"),
+        default_size=tuple(index.get("default_size", (32, 32))),
+        default_steps=int(index.get("default_steps", 28)),
+        default_guidance=float(index.get("default_guidance", 4.0)),
+    )
+
+
+def _load_sd3(folder: Path, index: dict, dtype) -> Pipeline:
+    from transformers import AutoTokenizer
+
+    from rfmpc.models import load_transformer
+    from weights_conversion.clip import load_clip_text
+    from weights_conversion.t5 import load_t5_encoder
+    from weights_conversion.vae import load_vae
+
+    def present(name):
+        entry = index.get(name)
+        return isinstance(entry, list) and entry[0] is not None and (folder / name).is_dir()
+
+    for name in (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    ):
+        if not present(name):
+            raise FileNotFoundError(
+                f"{folder} is not a complete SD3 pipeline folder: component {name!r} is missing "
+                "(expected a subfolder and an entry in model_index.json)"
+            )
+    transformer = load_transformer(folder / "transformer", dtype=dtype)
+
+    def tok(name):
+        return AutoTokenizer.from_pretrained(str(folder / name), local_files_only=True)
+
+    t5 = load_t5_encoder(folder / "text_encoder_3", dtype) if present("text_encoder_3") else None
+    tok3 = tok("tokenizer_3") if t5 is not None and present("tokenizer_3") else None
+    if t5 is not None and tok3 is None:
+        raise FileNotFoundError(f"{folder}: text_encoder_3 (T5) is present but tokenizer_3 is not")
+    text = SD3TextEncoders(
+        load_clip_text(folder / "text_encoder", dtype),
+        load_clip_text(folder / "text_encoder_2", dtype),
+        t5,
+        tok("tokenizer"),
+        tok("tokenizer_2"),
+        tok3,
+        transformer.config.joint_attention_dim,
+    )
+    sched = _read_json(folder / "scheduler" / "scheduler_config.json")
+    if sched.get("use_dynamic_shifting"):
+        raise ValueError(
+            f"{folder}: dynamic shifting is not supported by load_pipeline yet (SD3/SD3.5 use a "
+            "fixed shift)"
+        )
+    vae = load_vae(folder / "vae", dtype)
+    size = transformer.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return Pipeline(
+        transformer=transformer,
+        text_encoder=text,
+        codec=VAECodec(vae),
+        shift=float(sched.get("shift", 1.0)),
+        model_id=f"sd3:{folder.resolve().name}",
+        default_size=(size, size),
+    )
+
+
+def load_pipeline(folder: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Pipeline:
+    """Load the embedded default model (``None``) or a local diffusers SD3 pipeline folder."""
+    if folder is None:
+        if not (EMBEDDED_DIR / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded model is missing from {EMBEDDED_DIR}; reinstall rfmpc or train it "
+                "with `python -m rfmpc.train` and export it"
+            )
+        return _load_embedded(EMBEDDED_DIR, dtype)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    index = _read_json(folder / "model_index.json")
+    cls = index.get("_class_name", "")
+    if cls == "RfmpcEmbedded":
+        return _load_embedded(folder, dtype)
+    if cls != "StableDiffusion3Pipeline":
+        raise ValueError(
+            f"{folder}/model_index.json describes a {cls!r}; rfmpc loads StableDiffusion3Pipeline "
+            "folders (SD3 / SD3.5) and its own embedded model"
+        )
+    return _load_sd3(folder, index, dtype)
