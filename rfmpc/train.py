@@ -192,7 +192,8 @@ def train(
     """Train (or resume) the embedded MM-DiT; returns a summary with the loss history.
 
     Args:
-        out_dir: run folder: ``checkpoint.safetensors``, ``log.jsonl``, ``loss.png``, ``config.json``.
+        out_dir: run folder (``checkpoint.safetensors``, ``log.jsonl``, ``loss.png``,
+            ``config.json``).
         cfg: the recipe.
         encoder: a prompt encoder with ``.encode(list[str]) -> (seq, pooled)``, ``.seq_dim``,
             ``.pooled_dim`` (default: the embedded text encoder asset).
@@ -228,7 +229,6 @@ def train(
             )
     atomic_write_bytes(out / "config.json", json.dumps(config_record, indent=2).encode())
     step_fn = _make_step(graphdef, buffers, tx, cfg)
-    null_seq, null_pooled = encoder.encode([""])
     key = jax.random.key(cfg.seed)
     log_path = out / "log.jsonl"
     history = []

@@ -1,4 +1,4 @@
-"""End-to-end parity of rfmpc's pipeline with diffusers' StableDiffusion3Pipeline (tiny, offline)."""
+"""End-to-end parity of rfmpc's pipeline with diffusers' SD3 pipeline (tiny, offline)."""
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +136,7 @@ def test_load_pipeline_errors(tmp_path, tiny):
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         load_pipeline(tmp_path / "nope")
     (tmp_path / "x").mkdir()
-    with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"model_index\.json is missing"):
         load_pipeline(tmp_path / "x")
     (tmp_path / "x" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(ValueError, match="FluxPipeline"):
