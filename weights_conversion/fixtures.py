@@ -412,7 +412,9 @@ def build_tiny_sd3_pipeline(
         tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(folder)
-    loaded = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
+    # a pipeline saved without T5 must be told so when reloaded (diffusers' documented usage)
+    no_t5 = {} if with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    loaded = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, **no_t5)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         built, back = getattr(pipe, name), getattr(loaded, name)
         if (built is None) != (back is None) or (
