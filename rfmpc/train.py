@@ -17,6 +17,7 @@ step) written every ``checkpoint_every`` steps; ``train(..., resume=True)`` pick
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -112,8 +113,16 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def _make_step(graphdef, buffers, tx, cfg: TrainConfig):
-    def loss_fn(params, x0, seq, pooled, key):
+@functools.lru_cache(maxsize=8)
+def _compiled_step(cfg: TrainConfig, mcfg: MMDiTConfig):
+    """The jitted train step for a (recipe, architecture): compiled once per process."""
+    from rfmpc.models.mmdit import MMDiT
+
+    abstract = nnx.eval_shape(lambda: MMDiT(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+    tx = make_optimizer(cfg)
+
+    def loss_fn(params, buffers, x0, seq, pooled, key):
         k_sig, k_noise = jax.random.split(key)
         b = x0.shape[0]
         sigma = _sample_sigma(k_sig, b, cfg)
@@ -125,13 +134,12 @@ def _make_step(graphdef, buffers, tx, cfg: TrainConfig):
         return jnp.mean((v - (noise - x0)) ** 2)
 
     @jax.jit
-    def step(params, opt_state, ema, x0, seq, pooled, key):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x0, seq, pooled, key)
+    def step(params, buffers, opt_state, ema, x0, seq, pooled, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, buffers, x0, seq, pooled, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
-        gnorm = optax.global_norm(grads)
-        return params, opt_state, ema, loss, gnorm
+        return params, opt_state, ema, loss, optax.tree.norm(grads)
 
     return step
 
@@ -213,7 +221,7 @@ def train(
         encoder = load_text_encoder()
     mcfg = embedded_mmdit_config(cfg, encoder.seq_dim, encoder.pooled_dim)
     model = MMDiT(mcfg, rngs=nnx.Rngs(cfg.seed))
-    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    _, params, buffers = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
     ema = jax.tree.map(jnp.copy, params)
@@ -228,7 +236,7 @@ def train(
                 "resume=False"
             )
     atomic_write_bytes(out / "config.json", json.dumps(config_record, indent=2).encode())
-    step_fn = _make_step(graphdef, buffers, tx, cfg)
+    step_fn = _compiled_step(cfg, mcfg)
     key = jax.random.key(cfg.seed)
     log_path = out / "log.jsonl"
     history = []
@@ -259,7 +267,7 @@ def train(
         seq, pooled = encoder.encode(prompts)
         x0 = jnp.asarray(images) * 2.0 - 1.0
         params, opt_state, ema, loss, gnorm = step_fn(
-            params, opt_state, ema, x0, seq, pooled, jax.random.fold_in(key, i)
+            params, buffers, opt_state, ema, x0, seq, pooled, jax.random.fold_in(key, i)
         )
         i += 1
         done_here += 1
