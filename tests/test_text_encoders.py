@@ -56,12 +56,9 @@ def clip_tokenizers():
     return {"L": train_clip_tokenizer(), "G": train_clip_tokenizer(pad_token="!")}
 
 
-@pytest.fixture(scope="module", params=["L", "G"])
-def clip_pair(request, clip_tokenizers, tmp_path_factory):
+def _build_clip(kind, tok, folder):
     """(tokenizer, torch reference, ours, folder). L: quick_gelu and the legacy
     ``eos_token_id=2`` pooling rule (as SD3's config); G: gelu, pad "!", first-eos rule."""
-    kind = request.param
-    tok = clip_tokenizers[kind]
     ref = tiny_clip_text_model(
         kind,
         vocab_size=len(tok),
@@ -70,9 +67,23 @@ def clip_pair(request, clip_tokenizers, tmp_path_factory):
         pad_token_id=tok.pad_token_id,
         seed=11 if kind == "L" else 12,
     )
-    folder = tmp_path_factory.mktemp(f"clip_{kind}")
     ref.save_pretrained(folder)
     return tok, ref, load_clip_text(folder), folder
+
+
+@pytest.fixture(scope="module")
+def clip_l(clip_tokenizers, tmp_path_factory):
+    return _build_clip("L", clip_tokenizers["L"], tmp_path_factory.mktemp("clip_l"))
+
+
+@pytest.fixture(scope="module")
+def clip_g(clip_tokenizers, tmp_path_factory):
+    return _build_clip("G", clip_tokenizers["G"], tmp_path_factory.mktemp("clip_g"))
+
+
+@pytest.fixture(params=["L", "G"])
+def clip_pair(request):
+    return request.getfixturevalue("clip_l" if request.param == "L" else "clip_g")
 
 
 def _torch_clip(ref, ids, mask=None):
@@ -103,8 +114,9 @@ def test_clip_matches_transformers_sd3_style(clip_pair):
 
 
 @pytest.mark.parity
-def test_clip_attention_mask_matches_transformers(clip_pair):
-    tok, ref, ours, _ = clip_pair
+def test_clip_attention_mask_matches_transformers(clip_g):
+    """The G-like tokenizer pads with "!" (not the eos), as SD3's second tokenizer."""
+    tok, ref, ours, _ = clip_g
     enc = tok(PROMPTS, padding="longest", return_tensors="np")
     out_ref = _torch_clip(ref, enc.input_ids, enc.attention_mask)
     out = jitted(ours)(enc.input_ids, enc.attention_mask)
@@ -312,10 +324,8 @@ def _check_strict_loading(load, folder, tmp_path, key, bad_shape):
     assert "model.safetensors" in msg
 
 
-def test_clip_strict_loading_errors(clip_pair, tmp_path):
-    _, ref, _, folder = clip_pair
-    if ref.config.hidden_act != "quick_gelu":
-        pytest.skip("one CLIP variant suffices")
+def test_clip_strict_loading_errors(clip_l, tmp_path):
+    _, _, _, folder = clip_l
     key = "text_model.encoder.layers.1.mlp.fc2.weight"
     _check_strict_loading(load_clip_text, folder, tmp_path, key, (32, 63))
 

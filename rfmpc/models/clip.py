@@ -137,11 +137,9 @@ class CLIPAttention(nnx.Module):
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) * (self.head_dim**-0.5)
-        logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhc->bqhc", p, v).reshape(b, t, -1)
-        return self.out_proj(out)
+        # scale 1/sqrt(head_dim), float32 logits; mask (b or 1, 1, t, t) is causal & padding
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return self.out_proj(out.reshape(b, t, -1))
 
 
 class CLIPMLP(nnx.Module):

@@ -156,11 +156,10 @@ class T5SelfAttention(nnx.Module):
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, self.d_kv)
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) + bias
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return self.o(jnp.einsum("bhqk,bkhc->bqhc", p, v).reshape(b, t, -1))
+        # no 1/sqrt(d) scaling in T5; float32 logits plus the shared relative-position bias
+        # (in the compute dtype, as transformers adds it); mask hides padded keys
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask, scale=1.0)
+        return self.o(out.reshape(b, t, -1))
 
 
 class T5GatedFeedForward(nnx.Module):
