@@ -489,7 +489,10 @@ _WRITER = textwrap.dedent(
     from rfmpc.cache import DiskCacheStore
     root, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     open(os.path.join(root, "ready." + tag), "w").close()
+    deadline = time.time() + 120
     while len([f for f in os.listdir(root) if f.startswith("ready.")]) < 2:
+        if time.time() > deadline:
+            sys.exit("the other writer never started")
         time.sleep(0.01)
     with DiskCacheStore(os.path.join(root, "cache")) as store:
         for i in range(n):
@@ -597,3 +600,7 @@ def test_cli_ls_verify_clear(tmp_path, capsys):
     assert main(["cache", "ls", "--cache", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists()
+    (tmp_path / "plain").mkdir()
+    assert main(["cache", "verify", "--cache", str(tmp_path / "plain")]) == 2
+    assert "not an rfmpc cache" in capsys.readouterr().err
+    assert list((tmp_path / "plain").iterdir()) == []  # nothing created in a foreign dir

@@ -545,7 +545,8 @@ class DiskCacheStore(AbstractCacheStore):
         directory: the cache directory (created if missing unless ``create=False``).
         max_bytes: evict least-recently-used entries while the blobs total more than this.
         max_entries: evict least-recently-used entries while there are more than this.
-        create: create ``directory`` if missing (else ``FileNotFoundError``).
+        create: create the cache if missing (else ``FileNotFoundError`` unless ``directory``
+            already holds a cache index).
         clock: time source for created / last-used stamps (tests inject a counter).
 
     Opening garbage-collects blobs no index row owns (a crash between a blob write and its
@@ -566,9 +567,13 @@ class DiskCacheStore(AbstractCacheStore):
         self.max_bytes = _check_limit(max_bytes, "max_bytes")
         self.max_entries = _check_limit(max_entries, "max_entries")
         self.directory = Path(directory)
+        if not create and not (self.directory / "index.sqlite").is_file():
+            raise FileNotFoundError(
+                f"{self.directory} does not exist or is not an rfmpc cache (no index.sqlite)"
+            )
         if not self.directory.is_dir():
-            if not create or self.directory.exists():
-                raise FileNotFoundError(f"cache directory {self.directory} does not exist")
+            if self.directory.exists():
+                raise FileNotFoundError(f"cache directory {self.directory} is not a directory")
             self.directory.mkdir(parents=True, exist_ok=True)
         self.blob_dir = self.directory / "blobs"
         self.blob_dir.mkdir(exist_ok=True)
