@@ -5,6 +5,7 @@ the most similar cached prompt (cosine similarity of pooled embeddings, same mod
 only) and, if similar enough, resumes from the step the :class:`ResumePolicy` picks.
 """
 
+from rfmpc.cache.disk import DiskCacheStore
 from rfmpc.cache.entry import (
     CacheEntry,
     CacheEntryError,
@@ -21,7 +22,6 @@ from rfmpc.cache.store import (
     CacheIndexError,
     CacheProblem,
     CacheWarning,
-    DiskCacheStore,
     EntryInfo,
     MemoryCacheStore,
     VerifyReport,

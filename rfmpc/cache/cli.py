@@ -14,7 +14,7 @@ __all__ = ["add_cache_parser"]
 
 
 def _open(args):
-    from rfmpc.cache.store import DiskCacheStore
+    from rfmpc.cache.disk import DiskCacheStore
 
     return DiskCacheStore(args.cache, create=False)
 
@@ -49,7 +49,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from rfmpc.cache.store import CacheIndexError
+    from rfmpc.cache import CacheIndexError
 
     try:
         with _open(args) as store:
