@@ -5,7 +5,7 @@ reuse: the coarse layout is fixed in the first, high-noise steps, and prompts th
 can share them. NIRVANA (Agarwal et al., "Approximate Caching for Efficiently Serving
 Text-to-Image Diffusion Models", NSDI 2024) retrieves a cached intermediate noise state and
 chooses the number of skipped steps K from the query-to-cache similarity (higher similarity,
-larger K; at most half the steps). The reference write-up (Patel, "Shooting Method and MPC for
+larger K). The reference write-up (Patel, "Shooting Method and MPC for
 Cross-Prompt Caching in Rectified Flow Models", 2025) uses similarity bands 0.95 / 0.90 / 0.85 and
 generates from scratch below 0.85.
 
