@@ -8,9 +8,7 @@ truncates) to a fixed ``max_length``. Unknown words map to ``[UNK]``. Saved as a
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,12 +19,12 @@ from tokenizers.trainers import WordLevelTrainer
 
 from rfmpc.data.grammar import STYLES, VOCABULARY, sample_scene, to_prompt
 from rfmpc.data.scene import SHAPES
+from rfmpc.io import atomic_write_bytes
 
 __all__ = [
     "MAX_LENGTH",
     "SPECIAL_TOKENS",
     "PromptTokenizer",
-    "atomic_write_bytes",
     "train_tokenizer",
 ]
 
@@ -35,30 +33,6 @@ MAX_LENGTH = 32
 #: Special tokens, in id order: pad = 0, unk = 1, cls = 2.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]")
 _PUNCTUATION = (",", ";", "-", ".", ":", "!", "?", "'", '"', "(", ")")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` crash-safely: temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def _corpus(n_scenes: int = 400, seed: int = 0) -> list[str]:

@@ -34,7 +34,8 @@ import safetensors.numpy
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from rfmpc.data.tokenizer import PromptTokenizer, atomic_write_bytes
+from rfmpc.data.tokenizer import PromptTokenizer
+from rfmpc.io import atomic_write_bytes
 
 __all__ = [
     "DEFAULT_TEXT_ENCODER_DIR",
