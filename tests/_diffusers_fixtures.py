@@ -47,15 +47,18 @@ VARIANTS = {
         dict(num_attention_heads=3, caption_projection_dim=24, qk_norm="rms_norm"),
         (10, 6),
     ),
-    # Patch size 4, non-square, different in/out channels, head dim 16.
-    "patch4-outch": (
+    # Patch size 4, non-square, different in/out channels, head dim 16, two blocks,
+    # parameter-free float32 LayerNorm QK-norm.
+    "patch4-outch-fp32ln": (
         dict(
             patch_size=4,
             sample_size=16,
+            num_layers=2,
             attention_head_dim=16,
             caption_projection_dim=32,
             out_channels=6,
             pos_embed_max_size=8,
+            qk_norm="fp32_layer_norm",
         ),
         (16, 8),
     ),
@@ -64,8 +67,6 @@ VARIANTS = {
         dict(pos_embed_max_size=None, dual_attention_layers=(2,), qk_norm="layer_norm"),
         (8, 12),
     ),
-    # Two blocks only; fp32 layer-norm QK-norm (parameter-free).
-    "fp32-ln-qk-2-layers": (dict(num_layers=2, qk_norm="fp32_layer_norm"), (6, 6)),
 }
 
 

@@ -36,14 +36,16 @@ from rfmpc.models import (
 )
 from rfmpc.models.mmdit import sincos_pos_embed_2d, timestep_embedding
 from weights_conversion import WeightLoadError
+from weights_conversion.mmdit import diffusers_key_map
 
 # Batch-2 timestep pairs (timestep = sigma * 1000): high noise, middle, almost clean.
 TIMESTEPS = [np.array([1000.0, 871.3]), np.array([500.0, 333.3]), np.array([2.5, 41.0])]
 
 FP32_TOL = 1e-4
 # bf16 compute path (bf16 params and matmuls; float32 norms, softmax, modulation, residuals)
-# against the float32 diffusers reference. Measured worst case over the variants below: ~3e-2.
-BF16_TOL = 8e-2
+# against the float32 diffusers reference. Measured over the fixture variants: 1.8e-2 .. 3.2e-2
+# (diffusers' own bf16 forward against its float32 one: 2.8e-2 .. 4.7e-2 on the same models).
+BF16_TOL = 5e-2
 
 
 def _run(model, inp, t):
@@ -215,7 +217,7 @@ def test_parity_half_precision_checkpoints(dtype, saved, tmp_path):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("name", ["sd3-medium-like", "sd35-medium-like"])
+@pytest.mark.parametrize("name", ["sd35-medium-like"])
 def test_bf16_compute_path(name, saved):
     model, folder = saved(name)
     ours = load_transformer(folder, dtype=jnp.bfloat16)
@@ -227,6 +229,20 @@ def test_bf16_compute_path(name, saved):
         assert np.all(np.isfinite(out))
         errs.append(rel_max_err(out, fx.reference(model, inp, t)))
     assert max(errs) <= BF16_TOL, f"{name}: bf16 relative max errors {errs}"
+
+
+@pytest.mark.parametrize(
+    "preset", [SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE], ids=["sd3-medium", "sd35-medium", "sd35-large"]
+)
+def test_key_map_covers_released_checkpoints(preset):
+    """The key map of each released config equals diffusers' state dict, key for key and shape
+    for shape (diffusers built on the meta device: no memory, no weights needed)."""
+    with torch.device("meta"):
+        ref = SD3Transformer2DModel(**preset.to_diffusers())
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    abstract = nnx.eval_shape(lambda: MMDiT(preset, rngs=nnx.Rngs(0)))
+    got = {key: shape for key, shape, _ in diffusers_key_map(abstract).values()}
+    assert got == want
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,24 +358,27 @@ def test_rfmpc_format_is_strict(saved, tmp_path):
 
 
 def test_transformer_is_a_pytree_and_differentiable(saved):
-    _, folder = saved("sd3-medium-like")
-    ours = load_transformer(folder)
-    inp = fx.inputs(fx.config("sd3-medium-like"), (8, 12))
+    name = "patch4-outch-fp32ln"  # the two-block variant: the cheapest backward to compile
+    ours = load_transformer(saved(name)[1])
+    inp = fx.inputs(fx.config(name), fx.VARIANTS[name][1])
     args = [
         jnp.asarray(inp[k])
         for k in ("hidden_states", "encoder_hidden_states", "pooled_projections")
     ]
     t = jnp.asarray(TIMESTEPS[1], jnp.float32)
     direct = ours(args[0], t, args[1], args[2])
-    w = jax.random.normal(jax.random.key(1), direct.shape)
-    # The Transformer goes through jit as a pytree argument.
-    f = jax.jit(lambda m, x: jnp.vdot(w, m(x, t, args[1], args[2])))
-    np.testing.assert_allclose(float(f(ours, args[0])), float(jnp.vdot(w, direct)), rtol=1e-5)
+    # A pytree: flattening and rebuilding gives a working model (jit arguments need this).
+    leaves, treedef = jax.tree.flatten(ours)
+    rebuilt = jax.tree.unflatten(treedef, leaves)
+    np.testing.assert_array_equal(np.asarray(rebuilt(args[0], t, args[1], args[2])), direct)
     # Gradient w.r.t. the latent through the pure apply, checked by a central difference.
-    g = jax.grad(lambda x: jnp.vdot(w, ours.apply(ours.params, x, t, args[1], args[2])))(args[0])
+    w = jax.random.normal(jax.random.key(1), direct.shape)
+    f = lambda x: jnp.vdot(w, ours(x, t, args[1], args[2]))
+    loss = lambda params, x: jnp.vdot(w, ours.apply(params, x, t, args[1], args[2]))
+    g = jax.jit(jax.grad(loss, argnums=1))(ours.params, args[0])
     d = jax.random.normal(jax.random.key(0), args[0].shape)
     eps = 1e-2
-    fd = (f(ours, args[0] + eps * d) - f(ours, args[0] - eps * d)) / (2 * eps)
+    fd = (f(args[0] + eps * d) - f(args[0] - eps * d)) / (2 * eps)
     np.testing.assert_allclose(float(jnp.vdot(g, d)), float(fd), rtol=2e-3)
     assert isinstance(ours, Transformer) and ours.module.config == ours.config
 
@@ -390,7 +409,7 @@ def test_trains_from_scratch(getkey):
         patch_size=4,
         in_channels=3,
         out_channels=3,
-        num_layers=2,
+        num_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=8,
@@ -399,7 +418,7 @@ def test_trains_from_scratch(getkey):
         pos_embed_max_size=4,
     )
     model = MMDiT(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     x0 = jax.random.normal(getkey(), (4, 16, 16, 3))
     noise = jax.random.normal(getkey(), (4, 16, 16, 3))
     sigma = jax.random.uniform(getkey(), (4,))
@@ -416,8 +435,8 @@ def test_trains_from_scratch(getkey):
         o.update(m, grads)
         return loss
 
-    losses = [float(step(model, opt)) for _ in range(15)]
-    assert losses[-1] < 0.75 * losses[0], losses
+    losses = [float(step(model, opt)) for _ in range(12)]
+    assert losses[-1] < 0.7 * losses[0], losses
     # The position table is a buffer, not a parameter: training leaves it alone.
-    table = sincos_pos_embed_2d(32, 4, 4, 4, xp=jnp)
-    np.testing.assert_array_equal(np.asarray(model.pos_embed.pos_embed[...]), np.asarray(table))
+    table = sincos_pos_embed_2d(32, 4, 4, 4)
+    np.testing.assert_array_equal(np.asarray(model.pos_embed.pos_embed[...]), table)

@@ -121,13 +121,16 @@ def read_diffusers_config(folder: str | os.PathLike) -> dict:
         raise WeightLoadError(f"{path}: not valid JSON ({e})") from e
 
 
-def load_diffusers_mmdit(folder: str | os.PathLike, *, dtype=None, param_dtype=None):
+def load_diffusers_mmdit(
+    folder: str | os.PathLike, *, dtype=None, param_dtype=None, attention: str = "auto"
+):
     """Build an :class:`~rfmpc.models.mmdit.MMDiT` from a diffusers transformer folder.
 
     The folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or a sharded
     ``.safetensors.index.json``). The model is built abstractly (``nnx.eval_shape``, no random
-    init), then filled strictly. ``dtype`` is the compute dtype (default float32) and
-    ``param_dtype`` the storage dtype (default: ``dtype``). Returns ``(model, config)``.
+    init), then filled strictly. ``dtype`` is the compute dtype (default float32),
+    ``param_dtype`` the storage dtype (default: ``dtype``) and ``attention`` the attention
+    implementation (see :class:`~rfmpc.models.mmdit.MMDiT`). Returns ``(model, config)``.
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -140,7 +143,9 @@ def load_diffusers_mmdit(folder: str | os.PathLike, *, dtype=None, param_dtype=N
     config = MMDiTConfig.from_diffusers(read_diffusers_config(folder))
     source = open_folder(folder, DIFFUSERS_STEM)
     model = nnx.eval_shape(
-        lambda: MMDiT(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        lambda: MMDiT(
+            config, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=nnx.Rngs(0)
+        )
     )
     params = convert_mmdit(source, model)
     load_into_model(model, params, source=source.description, variables=(nnx.Param, Buffer))

@@ -17,7 +17,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-__all__ = ["JointAttention", "LayerNorm", "RMSNorm", "layer_norm", "make_qk_norm", "rms_norm"]
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "JointAttention",
+    "LayerNorm",
+    "RMSNorm",
+    "attend",
+    "layer_norm",
+    "make_qk_norm",
+    "rms_norm",
+]
 
 #: eps of the QK-norms: diffusers builds SD3's ``Attention(..., eps=1e-6)``.
 QK_NORM_EPS = 1e-6
@@ -90,6 +99,33 @@ def make_qk_norm(kind: str | None, head_dim: int, *, param_dtype=jnp.float32):
     )
 
 
+#: ``"xla"``: XLA's fused einsum-softmax-einsum (any backend, dtype). ``"cudnn"``: cuDNN flash
+#: attention (GPU, bf16/fp16 only). ``"auto"``: cuDNN when the default backend is a GPU and the
+#: inputs are half precision and cuDNN accepts the shapes, else XLA.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attend(
+    q: Float[Array, "b t n h"],
+    k: Float[Array, "b s n h"],
+    v: Float[Array, "b s n h"],
+    implementation: str = "auto",
+) -> Float[Array, "b t n h"]:
+    """``softmax(q k^T / sqrt(h)) v`` in BTNH layout via ``jax.nn.dot_product_attention``.
+
+    The softmax is computed in float32 for every implementation.
+    """
+    if implementation == "auto":
+        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        if half and jax.default_backend() == "gpu":
+            try:  # cuDNN validates shapes, dtypes and its version while tracing
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except (ValueError, NotImplementedError, RuntimeError):
+                pass
+        implementation = "xla"
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
 def _linear(din, dout, *, dtype, param_dtype, rngs) -> nnx.Linear:
     return nnx.Linear(
         din,
@@ -123,8 +159,14 @@ class JointAttention(nnx.Module):
         context_pre_only: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        implementation: str = "auto",
         rngs: nnx.Rngs,
     ):
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation={implementation!r}; use one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        self.implementation = implementation
         self.num_heads = num_heads
         self.head_dim = head_dim
         inner = num_heads * head_dim
@@ -182,7 +224,7 @@ class JointAttention(nnx.Module):
             k = jnp.concatenate([k, ck.astype(k.dtype)], axis=1)
             v = jnp.concatenate([v, cv.astype(v.dtype)], axis=1)
         b, t = q.shape[:2]
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, t, self.num_heads * self.head_dim)
+        out = attend(q, k, v, self.implementation).reshape(b, t, self.num_heads * self.head_dim)
         x_out = self.to_out(out[:, :n])
         if context is None or self.to_add_out is None:
             return x_out, None

@@ -128,6 +128,34 @@ def _linear(din, dout, *, dtype, param_dtype, rngs, kernel_init=None, zero=False
     )
 
 
+class _KeyStream:
+    """Stand-in for ``nnx.Rngs`` inside :class:`MMDiT`'s constructor: ``params()`` folds a
+    Python counter into one key drawn from the caller's ``Rngs``.
+
+    Why: each ``nnx.Rngs.params()`` call updates an ``RngCount`` variable, and under tracing
+    (``nnx.eval_shape`` when loading, ``nnx.jit`` init) flax 0.12 then reads ``.sharding`` of a
+    tracer, which makes JAX walk the whole jaxpr: quadratic, ~20 s for SD3.5-large's ~700
+    layers. Drawing keys from a plain counter keeps abstract construction linear (~1 s).
+    """
+
+    def __init__(self, key: Array):
+        self._key = key
+        self._count = 0
+
+    def params(self) -> Array:
+        self._count += 1
+        return jax.random.fold_in(self._key, self._count)
+
+
+def _initial_table(d: int, m: int, base: float, dtype) -> Array:
+    """The ``(m, m, d)`` position table: exact (float64 on the host, as diffusers) when built
+    eagerly; symbolic float32 under tracing (``nnx.eval_shape`` / ``nnx.jit``), which costs no
+    host memory for the large SD3.5 tables."""
+    if isinstance(jnp.zeros((), jnp.float32), jax.core.Tracer):
+        return sincos_pos_embed_2d(d, m, m, base, xp=jnp).astype(dtype)
+    return jnp.asarray(sincos_pos_embed_2d(d, m, m, base).astype(jnp.dtype(dtype)))
+
+
 def _modulate(x, shift, scale):
     """adaLN: ``x * (1 + scale) + shift`` with per-sample ``(b, d)`` shift and scale."""
     return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
@@ -161,11 +189,9 @@ class PatchEmbed(nnx.Module):
             rngs=rngs,
         )
         if self.max_size is not None:
-            m = self.max_size
             # Positions are i * base / m: diffusers builds the m x m table with base_size
             # sample_size // patch_size (the crop then keeps the trained spacing).
-            table = sincos_pos_embed_2d(d, m, m, self.base_size, xp=jnp)
-            self.pos_embed = Buffer(table.astype(param_dtype))
+            self.pos_embed = Buffer(_initial_table(d, self.max_size, self.base_size, param_dtype))
         else:
             self.pos_embed = nnx.data(None)
 
@@ -278,6 +304,7 @@ class JointTransformerBlock(nnx.Module):
         dual: bool,
         dtype,
         param_dtype,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.context_pre_only = context_pre_only
@@ -287,19 +314,12 @@ class JointTransformerBlock(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = AdaLNModulation(dim, 9 if dual else 6, **mod)
         self.norm1_context = AdaLNModulation(dim, 2 if context_pre_only else 6, **mod)
+        akw = dict(qk_norm=qk_norm, implementation=attention, **kw)
         self.attn = JointAttention(
-            dim,
-            num_heads,
-            head_dim,
-            qk_norm=qk_norm,
-            with_context=True,
-            context_pre_only=context_pre_only,
-            **kw,
+            dim, num_heads, head_dim, with_context=True, context_pre_only=context_pre_only, **akw
         )
         self.attn2 = nnx.data(
-            JointAttention(dim, num_heads, head_dim, qk_norm=qk_norm, with_context=False, **kw)
-            if dual
-            else None
+            JointAttention(dim, num_heads, head_dim, with_context=False, **akw) if dual else None
         )
         self.ff = FeedForward(dim, **kw)
         self.ff_context = nnx.data(None if context_pre_only else FeedForward(dim, **kw))
@@ -351,6 +371,8 @@ class MMDiT(nnx.Module):
         config: the architecture (:class:`~rfmpc.models.configs.MMDiTConfig`).
         dtype: compute dtype of the matmuls (float32 or bfloat16).
         param_dtype: storage dtype of the parameters.
+        attention: ``"auto"`` (cuDNN flash attention for half precision on GPU, else XLA),
+            ``"xla"`` or ``"cudnn"``; all go through ``jax.nn.dot_product_attention``.
         rngs: initialisation randomness (xavier-uniform linears, adaLN-Zero and a zero final
             projection as in DiT, so the model trains from scratch; loaders overwrite it all).
     """
@@ -361,6 +383,7 @@ class MMDiT(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         if not isinstance(config, MMDiTConfig):
@@ -368,6 +391,7 @@ class MMDiT(nnx.Module):
         self.config = config
         self.dtype = dtype
         d = config.inner_dim
+        rngs = _KeyStream(rngs.params())
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.pos_embed = PatchEmbed(config, **kw)
         self.time_text_embed = TimestepTextEmbed(
@@ -386,6 +410,7 @@ class MMDiT(nnx.Module):
                     context_pre_only=i == n - 1,
                     qk_norm=config.qk_norm,
                     dual=config.is_dual(i),
+                    attention=attention,
                     **kw,
                 )
                 for i in range(n)

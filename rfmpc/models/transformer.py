@@ -145,13 +145,17 @@ def _resolve_folder(folder: Path) -> Path:
     return folder
 
 
-def load_transformer(folder: str | os.PathLike, dtype=jnp.float32) -> Transformer:
+def load_transformer(
+    folder: str | os.PathLike, dtype=jnp.float32, *, attention: str = "auto"
+) -> Transformer:
     """Load an SD3/SD3.5 MM-DiT from a diffusers or rfmpc folder as a jitted callable.
 
     Args:
         folder: diffusers transformer folder, diffusers pipeline folder, or rfmpc-format folder.
         dtype: parameter and compute dtype (``jnp.float32`` or ``jnp.bfloat16``; LayerNorms,
             softmax, residual streams and adaLN modulation stay float32 either way).
+        attention: ``"auto"`` (cuDNN flash attention for half precision on GPU, else XLA),
+            ``"xla"`` or ``"cudnn"``.
 
     Returns a :class:`Transformer`. Raises
     :class:`~weights_conversion.safetensors_io.WeightLoadError` on any missing, extra or
@@ -167,11 +171,15 @@ def load_transformer(folder: str | os.PathLike, dtype=jnp.float32) -> Transforme
 
         def build(cfg):
             config = MMDiTConfig.from_diffusers(cfg)
-            return MMDiT(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+            return MMDiT(
+                config, dtype=dtype, param_dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
+            )
 
         module, _ = load_model(folder, build, kind=KIND)
     else:
-        module, _ = load_diffusers_mmdit(folder, dtype=dtype, param_dtype=dtype)
+        module, _ = load_diffusers_mmdit(
+            folder, dtype=dtype, param_dtype=dtype, attention=attention
+        )
     return Transformer.from_module(module)
 
 
