@@ -1,0 +1,629 @@
+"""One entry point for finishing prompt B from a cached state of prompt A's trajectory.
+
+``switch(field, state_a, cond_b, method=...)`` takes a :class:`~rfmpc.flow.TrajectoryState` of
+prompt A at grid step ``k`` (cached after ``k`` of ``N`` steps from seed noise ``eps``) and runs
+the remaining ``N - k`` steps for prompt B. The goal is B's own trajectory from the same seed;
+what each method does to get there (and what it costs):
+
+=====================  =========================================================================
+``direct``             switch the conditioning to B at step ``k`` (``N - k`` calls).
+``blend``              linear velocity blend A -> B over ``transition_steps`` steps.
+``adaptive``           the write-up's sigmoid blend, length from similarity (given, or the
+                       cosine of ``v_A``/``v_B`` at the cached state: 2 extra calls).
+``reproject``          noise-consistent re-projection at the switch, ``reproject_iters`` times
+                       ``x <- (1 - sigma_k) x0_hat_B(x) + sigma_k eps_target`` with
+                       ``x0_hat_B(x) = x - sigma_k v_B(x)``, then B. This is the closed-form
+                       minimiser of the noise-consistency objective at the switch state (see
+                       :mod:`rfmpc.control.shooting`) and a strong, cheap baseline.
+``sdedit``             re-noise A's *final* image ``x0_A`` to ``sigma_k`` with *fresh* noise
+                       (``key``), ``(1 - sigma_k) x0_A + sigma_k eps'``, then B (Meng et al.,
+                       "SDEdit", ICLR 2022). Costs ``N - k`` extra calls unless ``final_a`` is
+                       given (A's final latent cached too).
+``shooting``           single shooting plan over ``shooting.horizon`` steps, then B.
+``multiple-shooting``  multiple shooting plan (continuity defect reported), then B.
+``mpc``                receding-horizon MPC every step (:mod:`rfmpc.control.mpc`).
+``shooting-mpc``       the write-up's combined algorithm: a shooting plan at the switch, MPC
+                       each step tracking it (plan states as reference, plan controls as
+                       feed-forward), and a re-plan (warm-started from the old plan) at every
+                       ``replan_every``-th step when the noise-consistency error exceeds
+                       ``replan_ratio`` times its value at the last plan (at most ``max_replans``
+                       re-plans, only where a full re-plan horizon still fits).
+=====================  =========================================================================
+
+``eps_target`` is the seed noise (``noise_target="seed"``, default) or A's implied noise at the
+cached state ``eps_hat_A = x_k + (1 - sigma_k) v_A(x_k)`` (``"a-implied"``, one extra call): on
+a curved flow ``eps_hat`` drifts from ``eps`` as sigma falls (it is ``E[eps | x]``), and for
+similar prompts A's drift approximates B's, so matching A's implied noise removes the shared
+bias. Which target is better is an empirical question; ``benchmarks/switch_quality.py`` measures.
+
+The control methods (shooting, MPC) steer a *command* velocity chosen by ``command``
+(``"direct"``: pure B; ``"blend"``/``"adaptive"``: the blends above).
+
+NFE counts every model evaluation (forward calls, JVP probes, and for shooting the VJPs of the
+backward passes), planning included. ``planning_s`` is the wall time of the planning stage
+(similarity, re-projection, A's finish for SDEdit, shooting); MPC computes its controls inside
+the rollout, so its cost shows in ``wall_s``. Timings include compilation on a first call.
+
+All methods are jit-compiled and can run batched over several prompt pairs with
+:func:`switch_batch` (``jax.vmap``; with ``vmap`` the data-dependent branches of
+``shooting-mpc`` -- re-plan or not -- run both sides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from rfmpc.control.mpc import (
+    MPCOptions,
+    MPCPlan,
+    _Ctx,
+    _mpc_run,
+    _mpc_step,
+    _step_nfe,
+    _zero_qp,
+    num_probes,
+)
+from rfmpc.control.qp import shift_warm_start
+from rfmpc.control.schedules import (
+    BlendedField,
+    BlendSchedule,
+    alpha_adaptive,
+    alpha_direct,
+    alpha_linear,
+    blend_nfe,
+    velocity_similarity,
+)
+from rfmpc.control.shooting import (
+    SHOOTING_STATUS,
+    ShootingOptions,
+    _multiple,
+    _Problem,
+    _single,
+    resolve_horizon,
+)
+from rfmpc.flow.schedule import flowmatch_sigmas
+from rfmpc.flow.solve import integrate
+from rfmpc.flow.state import TrajectoryState
+
+__all__ = [
+    "METHODS",
+    "BatchSwitchResult",
+    "SwitchConfig",
+    "SwitchResult",
+    "from_scratch_equal_nfe",
+    "stack_states",
+    "switch",
+    "switch_batch",
+]
+
+METHODS = (
+    "direct",
+    "blend",
+    "adaptive",
+    "reproject",
+    "sdedit",
+    "shooting",
+    "multiple-shooting",
+    "mpc",
+    "shooting-mpc",
+)
+_COMMANDS = ("direct", "blend", "adaptive")
+_TARGETS = ("seed", "a-implied")
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    """Options of :func:`switch` (hashable: static under jit). See the module docstring."""
+
+    transition_steps: int = 5
+    blend_mode: str = "velocity"
+    sigmoid_slope: float = 10.0
+    command: str = "direct"
+    noise_target: str = "seed"
+    reproject_iters: int = 3
+    shooting: ShootingOptions = dataclasses.field(default_factory=ShootingOptions)
+    mpc: MPCOptions = dataclasses.field(default_factory=MPCOptions)
+    replan_every: int = 3
+    replan_ratio: float = 2.0
+    max_replans: int = 2
+
+    def __post_init__(self):
+        if self.blend_mode not in ("velocity", "cond"):
+            raise ValueError(f"blend_mode must be 'velocity' or 'cond', got {self.blend_mode!r}")
+        if self.command not in _COMMANDS:
+            raise ValueError(f"command must be one of {_COMMANDS}, got {self.command!r}")
+        if self.noise_target not in _TARGETS:
+            raise ValueError(f"noise_target must be one of {_TARGETS}, got {self.noise_target!r}")
+        if self.transition_steps < 1 or self.reproject_iters < 1 or self.replan_every < 1:
+            raise ValueError("transition_steps, reproject_iters and replan_every must be >= 1")
+        if not isinstance(self.shooting, ShootingOptions):
+            raise TypeError("shooting must be a ShootingOptions")
+        if not isinstance(self.mpc, MPCOptions):
+            raise TypeError("mpc must be an MPCOptions")
+
+
+class SwitchResult(eqx.Module):
+    """Outcome of :func:`switch`.
+
+    Attributes:
+        state: the final :class:`TrajectoryState` (step N, cond = cond_b, A's key and grid).
+        method: the method name.
+        nfe: model evaluations in total (planning included).
+        planning_s: wall time of the planning stage (see the module docstring).
+        wall_s: wall time of the whole switch (planning + rollout).
+        fallback: whether a controller fell back to the blend command somewhere.
+        fallback_reason: why (None when no fallback).
+        diagnostics: method-specific arrays and numbers (objective history, defect, QP stats...).
+    """
+
+    state: TrajectoryState
+    method: str = eqx.field(static=True)
+    nfe: int = eqx.field(static=True)
+    planning_s: float = eqx.field(static=True)
+    wall_s: float = eqx.field(static=True)
+    fallback: bool = eqx.field(static=True)
+    fallback_reason: str | None = eqx.field(static=True)
+    diagnostics: dict = eqx.field(static=True)
+
+
+class BatchSwitchResult(eqx.Module):
+    """Outcome of :func:`switch_batch`: per-pair arrays stacked on a leading axis."""
+
+    x: Array
+    nfe: Array
+    fallback: Array
+    planning_s: float = eqx.field(static=True)
+    wall_s: float = eqx.field(static=True)
+    method: str = eqx.field(static=True)
+    diagnostics: dict = eqx.field(static=True)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _alpha(cfg: SwitchConfig, kind: str, n: int, k: int, field, x, sig_k, cond_a, cond_b, sim):
+    """Per-step alpha for a command kind; returns (alpha, similarity or None, nfe)."""
+    if kind == "direct":
+        return alpha_direct(n, k), None, 0
+    if kind == "blend":
+        return alpha_linear(n, k, cfg.transition_steps), None, 0
+    nfe = 0
+    if sim is None:
+        sim = velocity_similarity(field(x, sig_k, cond_a), field(x, sig_k, cond_b))
+        nfe = 2
+    return alpha_adaptive(n, k, sim, cfg.sigmoid_slope), jnp.asarray(sim), nfe
+
+
+def _target(cfg: SwitchConfig, field, x, eps, sig_k, cond_a):
+    if cfg.noise_target == "seed":
+        return eps, 0
+    v_a = field(x, sig_k, cond_a).astype(x.dtype)
+    return x + (1 - sig_k) * v_a, 1
+
+
+def _command(method: str, cfg: SwitchConfig) -> str:
+    if method in ("direct", "reproject", "sdedit"):
+        return "direct"
+    if method == "blend":
+        return "blend"
+    if method == "adaptive":
+        return "adaptive"
+    return cfg.command
+
+
+# ----------------------------------------------------------------------------- planning stage
+@eqx.filter_jit
+def _plan(method, cfg, field, x, eps, sigmas, cond_a, cond_b, k, key, sim, final_a, init):
+    n = sigmas.shape[0] - 1
+    sig = sigmas.astype(x.dtype)
+    sig_k = sig[k]
+    out: dict[str, Any] = {}
+    alpha, sim, nfe = _alpha(cfg, _command(method, cfg), n, k, field, x, sig_k, cond_a, cond_b, sim)
+    out["alpha"] = alpha
+    if sim is not None:
+        out["similarity"] = sim
+    x_start = x
+    if method in ("reproject", "shooting", "multiple-shooting", "mpc", "shooting-mpc"):
+        target, t_nfe = _target(cfg, field, x, eps, sig_k, cond_a)
+        nfe += t_nfe
+        out["target"] = target
+    if method == "reproject":
+        resid = []
+        for _ in range(cfg.reproject_iters):
+            v_b = field(x_start, sig_k, cond_b).astype(x.dtype)
+            resid.append(jnp.mean((x_start + (1 - sig_k) * v_b - target) ** 2))
+            x_start = (1 - sig_k) * (x_start - sig_k * v_b) + sig_k * target
+        out["consistency"] = jnp.stack(resid)  # before each iteration
+        nfe += cfg.reproject_iters
+    elif method == "sdedit":
+        if final_a is None:
+            final_a = integrate(field, x, sig, cond_a, start=k).x
+            nfe += n - k
+        fresh = jax.random.normal(key, x.shape, x.dtype)
+        x_start = (1 - sig_k) * final_a + sig_k * fresh
+    elif method in ("shooting", "multiple-shooting", "shooting-mpc"):
+        opts = cfg.shooting
+        H = resolve_horizon(opts.horizon, k, n)
+        prob = _Problem(field, sig, cond_a, cond_b, alpha, target, cfg.blend_mode)
+        run = _multiple if method == "multiple-shooting" else _single
+        res = run(prob, x, init, k, H, opts)
+        out["shooting"] = res
+        nfe += res.nfe
+    out["x_start"] = x_start
+    return out, jnp.asarray(nfe, jnp.int32)
+
+
+# ----------------------------------------------------------------------------- execution stage
+@eqx.filter_jit
+def _execute(method, cfg, field, plan, x, sigmas, cond_a, cond_b, k):
+    n = sigmas.shape[0] - 1
+    sig = sigmas.astype(x.dtype)
+    alpha = plan["alpha"]
+    bf = BlendedField(field, cfg.blend_mode)
+    sched = BlendSchedule(cond_a, cond_b, alpha)
+    diag: dict[str, Any] = {}
+    fallback = jnp.bool_(False)
+    if method in ("direct", "reproject", "sdedit"):
+        xf = integrate(field, plan["x_start"], sig, cond_b, start=k).x
+        nfe = jnp.int32(n - k)
+    elif method in ("blend", "adaptive"):
+        xf = integrate(bf, x, sig, sched, start=k).x
+        nfe = blend_nfe(alpha, k, n, cfg.blend_mode)
+    elif method in ("shooting", "multiple-shooting"):
+        res = plan["shooting"]
+        bad = res.status == 2
+        u = jnp.zeros((n - k, *x.shape), x.dtype).at[: res.horizon].set(res.controls)
+        u = jnp.where(bad, 0.0, u)
+        xf = integrate(bf, x, sig, sched, control=u, start=k).x
+        nfe = blend_nfe(alpha, k, n, cfg.blend_mode)
+        fallback = bad
+    elif method == "mpc":
+        ctx = _Ctx(
+            field, sig, cond_a, cond_b, alpha, plan["target"], MPCPlan.empty(x, n), cfg.blend_mode
+        )
+        res = _mpc_run(ctx, x, k, cfg.mpc)
+        xf, nfe = res.x, res.nfe
+        fallback = res.fallback_steps > 0
+        diag.update(
+            fallback_steps=res.fallback_steps,
+            qp_iterations=res.qp_iterations,
+            consistency=res.consistency,
+            control_rms=jnp.sqrt(jnp.mean(res.controls**2, axis=tuple(range(1, x.ndim + 1)))),
+        )
+    elif method == "shooting-mpc":
+        xf, nfe, d = _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k)
+        fallback = d["fallback_steps"] > 0
+        diag.update(d)
+    else:  # pragma: no cover - guarded by switch()
+        raise ValueError(method)
+    return xf, nfe, fallback, diag
+
+
+def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k):
+    """MPC tracking the shooting plan, with error-triggered re-plans (one ``lax.scan``)."""
+    n = sig.shape[0] - 1
+    opts, sopts = cfg.mpc, cfg.shooting
+    alpha, target = plan["alpha"], plan["target"]
+    res0 = plan["shooting"]
+    mplan = MPCPlan.from_shooting(x, n, k, res0.controls, res0.path)
+    h_r = min(res0.horizon, n - k)  # re-plan horizon (static): re-plans only where it fits
+    ctx0 = _Ctx(field, sig, cond_a, cond_b, alpha, target, mplan, cfg.blend_mode)
+    probes = num_probes(x.shape, opts.stride)
+
+    def consistency(z, j):
+        v_b = field(z, sig[j], cond_b).astype(z.dtype)
+        return jnp.mean((z + (1 - sig[j]) * v_b - target) ** 2)
+
+    def replan(z, j, p: MPCPlan):
+        sig_w = jax.lax.dynamic_slice(sig, (j,), (h_r + 1,))
+        alpha_w = jax.lax.dynamic_slice(alpha, (j,), (h_r,))
+        init = jax.lax.dynamic_slice_in_dim(p.u, j, h_r)
+        prob = _Problem(field, sig_w, cond_a, cond_b, alpha_w, target, cfg.blend_mode)
+        r = _single(prob, z, init, 0, h_r, dataclasses.replace(sopts, horizon=h_r))
+        idx = jnp.arange(n + 1)
+        keep = idx <= j
+        u = jnp.where(keep[:n].reshape((n,) + (1,) * x.ndim), p.u, 0.0)
+        u = jax.lax.dynamic_update_slice_in_dim(u, r.controls, j, 0)
+        xs = jax.lax.dynamic_update_slice_in_dim(p.x, r.path[1:], j + 1, 0)
+        mask = keep | ((idx > j) & (idx <= j + h_r))
+        return MPCPlan(u=u, x=xs, mask=mask), r.nfe
+
+    err0 = consistency(x, k)
+
+    def body(c, j):
+        z, u_prev, prev, p, e0, replans, extra = c
+        check = ((j - k) % cfg.replan_every == 0) & (j > k) & (j + h_r <= n)
+        check = check & (replans < cfg.max_replans)
+        err = jax.lax.cond(check, lambda: consistency(z, j), lambda: jnp.zeros((), z.dtype))
+        do = check & (err > cfg.replan_ratio * e0)
+        p, r_nfe = jax.lax.cond(do, lambda: replan(z, j, p), lambda: (p, jnp.int32(0)))
+        e0 = jnp.where(do, err, e0)
+        extra = extra + check.astype(jnp.int32) + r_nfe
+        ctx = _Ctx(field, sig, cond_a, cond_b, alpha, target, p, cfg.blend_mode)
+        warm = shift_warm_start(prev) if opts.warm_start else None
+        z1, u0, info, sol = _mpc_step(ctx, opts, j, z, u_prev, warm)
+        good = jnp.all(jnp.isfinite(sol.u)) & jnp.all(jnp.isfinite(sol.y))
+        sol = jax.tree.map(lambda a, b: jnp.where(good, a, b), sol, prev)
+        carry = (z1, u0, sol, p, e0, replans + do.astype(jnp.int32), extra)
+        return carry, (info, _step_nfe(ctx0, j, probes), do)
+
+    init = (
+        x,
+        jnp.zeros_like(x),
+        _zero_qp(x, opts.horizon),
+        mplan,
+        err0,
+        jnp.int32(0),
+        jnp.int32(1),
+    )
+    (xf, _, _, _, _, replans, extra), ((cons, iters, ok), nfe_steps, did) = jax.lax.scan(
+        body, init, jnp.arange(k, n, dtype=jnp.int32)
+    )
+    diag = dict(
+        fallback_steps=jnp.sum(~ok).astype(jnp.int32),
+        qp_iterations=iters,
+        consistency=cons,
+        replans=replans,
+        replan_steps=did,
+    )
+    return xf, jnp.sum(nfe_steps).astype(jnp.int32) + extra, diag
+
+
+# ----------------------------------------------------------------------------- public API
+def _noise_for(state: TrajectoryState, noise):
+    if noise is not None:
+        noise = jnp.asarray(noise, state.x.dtype)
+        if noise.shape != state.x.shape:
+            raise ValueError(
+                f"noise has shape {noise.shape}; it must be the seed noise of A's run, with the "
+                f"state's shape {state.x.shape}"
+            )
+        return noise
+    if state.key is None:
+        raise ValueError(
+            "state_a has no PRNG key, so its seed noise cannot be regenerated: pass noise= "
+            "(the N(0, I) draw A's run started from)"
+        )
+    return jax.random.normal(state.key, state.x.shape, state.x.dtype)
+
+
+def _check_method(method: str):
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown switch method {method!r}; valid methods are: {', '.join(METHODS)}"
+        )
+
+
+def _config(config: SwitchConfig | None, options: dict) -> SwitchConfig:
+    cfg = SwitchConfig() if config is None else config
+    if not isinstance(cfg, SwitchConfig):
+        raise TypeError(f"config must be a SwitchConfig, got {type(cfg).__name__}")
+    valid = {f.name for f in dataclasses.fields(SwitchConfig)}
+    unknown = set(options) - valid
+    if unknown:
+        raise TypeError(f"unknown switch option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    return dataclasses.replace(cfg, **options) if options else cfg
+
+
+def _step_of(state: TrajectoryState) -> int:
+    try:
+        return int(np.asarray(state.step).reshape(-1)[0])
+    except jax.errors.ConcretizationTypeError as e:
+        raise ValueError("state.step is traced; call switch outside jit") from e
+
+
+def _reasons(method: str, cfg: SwitchConfig, diag: dict, status) -> str | None:
+    if method in ("mpc", "shooting-mpc"):
+        nf = int(diag["fallback_steps"])
+        if nf == 0:
+            return None
+        return (
+            f"the MPC QP did not converge (or was non-finite) on {nf} of "
+            f"{len(diag['qp_iterations'])} steps (qp maxiter={cfg.mpc.qp.maxiter}, "
+            f"tol={cfg.mpc.qp.tol}); the blend command (u = 0) was applied on those steps"
+        )
+    if method in ("shooting", "multiple-shooting") and status == 2:
+        return "the shooting objective was non-finite from the start; ran the blend command"
+    return None
+
+
+def switch(
+    field: Callable[[Array, Array, Any], Array],
+    state_a: TrajectoryState,
+    cond_b: Any,
+    *,
+    method: str,
+    similarity: float | None = None,
+    noise: Float[Array, "..."] | None = None,
+    key: Any = None,
+    final_a: Float[Array, "..."] | None = None,
+    init: Float[Array, "h ..."] | None = None,
+    config: SwitchConfig | None = None,
+    **options,
+) -> SwitchResult:
+    """Finish prompt B from prompt A's cached state with the chosen method.
+
+    Args:
+        field: velocity field ``v(x, sigma, cond)``.
+        state_a: A's :class:`TrajectoryState` at the switch step ``k`` (its ``cond`` is A's).
+        cond_b: B's conditioning.
+        method: one of :data:`METHODS`.
+        similarity: prompt similarity for the adaptive schedule (default: velocity cosine).
+        noise: A's seed noise (default: regenerated from ``state_a.key``; error without a key).
+        key: fresh-noise key for ``sdedit`` (default: ``fold_in(state_a.key, 1)``).
+        final_a: A's final latent for ``sdedit`` if cached (saves ``N - k`` calls).
+        init: warm-start controls for the shooting plan (``(H, *x.shape)``).
+        config: a :class:`SwitchConfig`; ``**options`` override its fields.
+
+    Returns:
+        :class:`SwitchResult`.
+    """
+    _check_method(method)
+    cfg = _config(config, options)
+    if not isinstance(state_a, TrajectoryState):
+        raise TypeError(f"state_a must be a TrajectoryState, got {type(state_a).__name__}")
+    k = _step_of(state_a)
+    n = state_a.num_steps
+    if k >= n:
+        raise ValueError(f"state_a is at step {k} of {n}: the trajectory is already finished")
+    eps = _noise_for(state_a, noise)
+    if method == "sdedit" and key is None:
+        if state_a.key is None:
+            raise ValueError("sdedit needs key= (fresh noise) when state_a has no key")
+        key = jax.random.fold_in(state_a.key, 1)
+    x = state_a.x
+    sim = None if similarity is None else jnp.asarray(similarity, jnp.float32)
+    args = (field, x, eps, state_a.sigmas, state_a.cond, cond_b, k, key, sim, final_a, init)
+    t0 = time.perf_counter()
+    plan, nfe_plan = _plan(method, cfg, *args)
+    jax.block_until_ready((plan, nfe_plan))
+    t1 = time.perf_counter()
+    xf, nfe_exec, fallback, diag = _execute(
+        method, cfg, field, plan, x, state_a.sigmas, state_a.cond, cond_b, k
+    )
+    jax.block_until_ready(xf)
+    t2 = time.perf_counter()
+    diag = dict(diag)
+    status = None
+    if "shooting" in plan:
+        r = plan["shooting"]
+        status = int(r.status)
+        diag.update(
+            shooting_objective=r.objective,
+            shooting_final_objective=float(r.final_objective),
+            shooting_iterations=int(r.iterations),
+            shooting_status=SHOOTING_STATUS[status],
+            shooting_defect=float(r.defect),
+            shooting_nfe=int(r.nfe),
+        )
+    for name in ("similarity", "consistency"):
+        if name in plan:
+            diag[name] = plan[name]
+    diag["noise_target"] = cfg.noise_target
+    diag["planning_nfe"] = int(nfe_plan)
+    final = TrajectoryState(
+        x=xf, step=n, sigmas=state_a.sigmas, key=state_a.key, cond=cond_b, meta=state_a.meta
+    )
+    return SwitchResult(
+        state=final,
+        method=method,
+        nfe=int(nfe_plan) + int(nfe_exec),
+        planning_s=t1 - t0,
+        wall_s=t2 - t0,
+        fallback=bool(fallback),
+        fallback_reason=_reasons(method, cfg, diag, status) if bool(fallback) else None,
+        diagnostics=diag,
+    )
+
+
+def stack_states(states: list[TrajectoryState]) -> TrajectoryState:
+    """Stack states (same step, grid and shapes) on a new leading axis, for :func:`switch_batch`."""
+    if not states:
+        raise ValueError("stack_states needs at least one state")
+    return jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+
+def switch_batch(
+    field: Callable[[Array, Array, Any], Array],
+    states_a: TrajectoryState,
+    conds_b: Any,
+    *,
+    method: str,
+    similarity: Array | None = None,
+    noise: Array | None = None,
+    key: Any = None,
+    final_a: Array | None = None,
+    config: SwitchConfig | None = None,
+    **options,
+) -> BatchSwitchResult:
+    """:func:`switch` over ``B`` prompt pairs at once with ``jax.vmap``.
+
+    ``states_a`` is a stacked :class:`TrajectoryState` (:func:`stack_states`): every leaf has a
+    leading axis ``B``; all pairs must share the switch step and the grid. ``conds_b``,
+    ``similarity``, ``noise``, ``key`` (a batch of keys) and ``final_a`` are stacked likewise.
+    Returns per-pair final latents, NFE and fallback flags.
+    """
+    _check_method(method)
+    cfg = _config(config, options)
+    steps = np.asarray(states_a.step).reshape(-1)
+    if steps.size < 1 or not np.all(steps == steps[0]):
+        raise ValueError(f"all states must be at the same step to batch them, got {steps}")
+    sig = np.asarray(states_a.sigmas)
+    if sig.ndim != 2 or not np.all(sig == sig[:1]):
+        raise ValueError("all states must share one sigma grid (stack them with stack_states)")
+    k = int(steps[0])
+    sigmas = jnp.asarray(sig[0])
+    n = sig.shape[1] - 1
+    if k >= n:
+        raise ValueError(f"the states are at step {k} of {n}: nothing remains to run")
+    x = states_a.x
+    if noise is None:
+        if states_a.key is None:
+            raise ValueError("states_a have no keys: pass noise= (the stacked seed noises)")
+        noise = jax.vmap(lambda kk, xx: jax.random.normal(kk, xx.shape, xx.dtype))(states_a.key, x)
+    if method == "sdedit" and key is None:
+        if states_a.key is None:
+            raise ValueError("sdedit needs key= (a batch of fresh-noise keys)")
+        key = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(states_a.key)
+    sim = None if similarity is None else jnp.asarray(similarity, jnp.float32)
+
+    def plan_one(x, eps, ca, cb, kk, s, fa):
+        return _plan(method, cfg, field, x, eps, sigmas, ca, cb, k, kk, s, fa, None)
+
+    def exec_one(p, x, ca, cb):
+        return _execute(method, cfg, field, p, x, sigmas, ca, cb, k)
+
+    t0 = time.perf_counter()
+    plan, nfe_plan = eqx.filter_jit(eqx.filter_vmap(plan_one))(
+        x, noise, states_a.cond, conds_b, key, sim, final_a
+    )
+    jax.block_until_ready((plan, nfe_plan))
+    t1 = time.perf_counter()
+    xf, nfe_exec, fallback, diag = eqx.filter_jit(eqx.filter_vmap(exec_one))(
+        plan, x, states_a.cond, conds_b
+    )
+    jax.block_until_ready(xf)
+    t2 = time.perf_counter()
+    diag = dict(diag)
+    if "shooting" in plan:
+        diag.update(
+            shooting_status=plan["shooting"].status, shooting_defect=plan["shooting"].defect
+        )
+    return BatchSwitchResult(
+        x=xf,
+        nfe=nfe_plan + nfe_exec,
+        fallback=fallback,
+        planning_s=t1 - t0,
+        wall_s=t2 - t0,
+        method=method,
+        diagnostics=diag,
+    )
+
+
+def from_scratch_equal_nfe(
+    field: Callable[[Array, Array, Any], Array],
+    noise: Float[Array, "..."],
+    cond_b: Any,
+    num_steps_remaining: int,
+    shift: float = 3.0,
+) -> TrajectoryState:
+    """The equal-NFE baseline: B from the seed noise with only ``N - k`` steps.
+
+    Runs a fresh FlowMatch grid of ``num_steps_remaining`` steps (same ``shift``), i.e. the
+    same number of model calls a direct switch spends, from ``noise`` with ``cond_b``.
+    """
+    if isinstance(num_steps_remaining, bool) or not isinstance(num_steps_remaining, int):
+        raise TypeError("num_steps_remaining must be a Python int")
+    if num_steps_remaining < 1:
+        raise ValueError(f"num_steps_remaining must be >= 1, got {num_steps_remaining}")
+    sig = flowmatch_sigmas(num_steps_remaining, shift)
+    noise = jnp.asarray(noise)
+    return integrate(field, noise, jnp.asarray(sig, noise.dtype), cond_b)
