@@ -330,8 +330,12 @@ def _plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def export_transformer(run_dir: str | Path, dest: str | Path, encoder=None) -> Path:
-    """Write the EMA weights of a run as an rfmpc-format transformer folder at ``dest``."""
+def export_transformer(run_dir: str | Path, dest: str | Path, *, use_ema: bool = True) -> Path:
+    """Write a run's weights (the EMA by default) as an rfmpc-format transformer at ``dest``.
+
+    Early in a run the EMA still carries much of the initialisation (``decay ** step``), so
+    ``use_ema=False`` exports the raw weights for a quick look at a young checkpoint.
+    """
     from rfmpc.models.mmdit import MMDiT
     from rfmpc.models.transformer import Transformer, save_transformer
 
@@ -342,10 +346,10 @@ def export_transformer(run_dir: str | Path, dest: str | Path, encoder=None) -> P
     model = MMDiT(mcfg, rngs=nnx.Rngs(0))
     graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg)
-    _, _, _, ema, _ = load_checkpoint(
+    _, raw, _, ema, _ = load_checkpoint(
         run / "checkpoint.safetensors", params, tx.init(params), params
     )
-    save_transformer(Transformer(graphdef, ema, buffers, mcfg), dest)
+    save_transformer(Transformer(graphdef, ema if use_ema else raw, buffers, mcfg), dest)
     return Path(dest)
 
 
