@@ -84,6 +84,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import time
+
+    import jax.numpy as jnp
+
+    from rfmpc.convert import convert_folder
+
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    t0 = time.perf_counter()
+    out = convert_folder(
+        args.src,
+        args.dst,
+        dtype=dtypes[args.dtype],
+        overwrite=args.overwrite,
+        log=None if args.json else print,
+    )
+    _print(
+        {
+            "src": args.src,
+            "dst": str(out),
+            "dtype": args.dtype,
+            "seconds": time.perf_counter() - t0,
+        },
+        args.json,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rfmpc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="PNG grid with captions")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="diffusers SD3 folder -> rfmpc-format folder")
+    c.add_argument("src", help="diffusers StableDiffusion3Pipeline folder or transformer folder")
+    c.add_argument("dst", help="output folder")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_convert)
     from rfmpc.cache.cli import add_cache_parser
 
     add_cache_parser(sub)

@@ -474,10 +474,7 @@ def _load_embedded(folder: Path, dtype) -> Pipeline:
 def _load_sd3(folder: Path, index: dict, dtype) -> Pipeline:
     from transformers import AutoTokenizer
 
-    from rfmpc.models import load_transformer
-    from weights_conversion.clip import load_clip_text
-    from weights_conversion.t5 import load_t5_encoder
-    from weights_conversion.vae import load_vae
+    from rfmpc.convert import load_component
 
     def present(name):
         entry = index.get(name)
@@ -497,18 +494,22 @@ def _load_sd3(folder: Path, index: dict, dtype) -> Pipeline:
                 f"{folder} is not a complete SD3 pipeline folder: component {name!r} is missing "
                 "(expected a subfolder and an entry in model_index.json)"
             )
-    transformer = load_transformer(folder / "transformer", dtype=dtype)
+    transformer = load_component(folder / "transformer", "mmdit", dtype)
 
     def tok(name):
         return AutoTokenizer.from_pretrained(str(folder / name), local_files_only=True)
 
-    t5 = load_t5_encoder(folder / "text_encoder_3", dtype) if present("text_encoder_3") else None
+    t5 = (
+        load_component(folder / "text_encoder_3", "t5", dtype)
+        if present("text_encoder_3")
+        else None
+    )
     tok3 = tok("tokenizer_3") if t5 is not None and present("tokenizer_3") else None
     if t5 is not None and tok3 is None:
         raise FileNotFoundError(f"{folder}: text_encoder_3 (T5) is present but tokenizer_3 is not")
     text = SD3TextEncoders(
-        load_clip_text(folder / "text_encoder", dtype),
-        load_clip_text(folder / "text_encoder_2", dtype),
+        load_component(folder / "text_encoder", "clip", dtype),
+        load_component(folder / "text_encoder_2", "clip", dtype),
         t5,
         tok("tokenizer"),
         tok("tokenizer_2"),
@@ -521,7 +522,7 @@ def _load_sd3(folder: Path, index: dict, dtype) -> Pipeline:
             f"{folder}: dynamic shifting is not supported by load_pipeline yet (SD3/SD3.5 use a "
             "fixed shift)"
         )
-    vae = load_vae(folder / "vae", dtype)
+    vae = load_component(folder / "vae", "vae", dtype)
     size = transformer.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     return Pipeline(
         transformer=transformer,

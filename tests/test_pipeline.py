@@ -146,3 +146,26 @@ def test_load_pipeline_errors(tmp_path, tiny):
     )
     with pytest.raises(FileNotFoundError, match="component 'transformer' is missing"):
         load_pipeline(tmp_path / "x")
+
+
+def test_convert_round_trip(tiny, tmp_path, capsys):
+    """`rfmpc convert` output loads and generates the same images as the diffusers folder."""
+    from rfmpc.cli import main
+
+    folder, _ = tiny
+    assert main(["convert", str(folder), str(tmp_path / "conv"), "--json"]) == 0
+    assert '"dst"' in capsys.readouterr().out
+    a, b = load_pipeline(folder), load_pipeline(tmp_path / "conv")
+    lat = jax.random.normal(jax.random.key(2), a.latent_shape(1, 32, 32))
+    ia = a("a red circle", num_inference_steps=3, latents=lat, height=32, width=32).images
+    ib = b("a red circle", num_inference_steps=3, latents=lat, height=32, width=32).images
+    np.testing.assert_array_equal(ia, ib)
+    # refusing to overwrite, and a clear error on an incomplete folder
+    assert main(["convert", str(folder), str(tmp_path / "conv")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    assert main(["convert", str(bad), str(tmp_path / "out2")]) == 2
+    assert "component 'transformer' is missing" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.converting").exists()
