@@ -1,0 +1,346 @@
+"""Shared pieces of the inverse solvers: the problem, the result, rollouts and inner optimisers.
+
+Every solver (MPC-Flow and the baselines) is an immutable :class:`AbstractInverseSolver` whose
+``__call__(field, operator, y, noise_std, key, ...)`` is a pure, jit-compiled function returning
+a :class:`RestoreResult` with the estimate, the exact number of velocity-model evaluations
+(``nfe``) and of backward passes through the model (``backprops``), and diagnostics.
+
+Counting convention: ``nfe`` counts forward calls of the velocity field the algorithm makes;
+``backprops`` counts vector-Jacobian products through it. With ``checkpoint=True`` each backprop
+also *recomputes* its forward (``jax.checkpoint``); those recomputations are not in ``nfe``.
+Calls of the decoder and the operator are not counted.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from rfmpc.inverse.operators import AbstractOperator
+
+__all__ = [
+    "AbstractInverseSolver",
+    "CompiledSolve",
+    "InnerSolver",
+    "InverseProblem",
+    "RestoreResult",
+    "euler_rollout",
+    "minimize",
+]
+
+
+class InverseProblem(eqx.Module):
+    """``y = A(decode(x)) + n``, ``n ~ N(0, noise_std^2 I)``, with a flow prior on ``x``.
+
+    ``field(x, sigma, cond)`` is the prior's velocity (sigma convention: 1 = noise, 0 = data);
+    ``decode`` maps the model's state to the image the operator sees (identity for pixel-space
+    models).
+    """
+
+    field: Callable[[Array, Array, Any], Array]
+    operator: AbstractOperator
+    y: Array
+    noise_std: Float[Array, ""]
+    cond: Any = None
+    decode: Callable[[Array], Array] | None = None
+
+    def velocity(self, x, sigma):
+        return self.field(x, jnp.asarray(sigma, x.dtype), self.cond).astype(x.dtype)
+
+    def image(self, x):
+        return x if self.decode is None else self.decode(x)
+
+    def residual(self, x):
+        return self.operator(self.image(x)) - self.y
+
+    def phi(self, x) -> Float[Array, " b"]:
+        """Per-image data fit ``||A(decode(x)) - y||^2 / (2 noise_std^2)``."""
+        r = self.residual(x)
+        return 0.5 * jnp.sum(r**2, axis=tuple(range(1, r.ndim))) / self.noise_std**2
+
+    def sq_residual(self, x) -> Float[Array, " b"]:
+        """Per-image ``||A(decode(x)) - y||^2 / 2`` (the noise-free fidelity PnP methods use)."""
+        r = self.residual(x)
+        return 0.5 * jnp.sum(r**2, axis=tuple(range(1, r.ndim)))
+
+
+class RestoreResult(eqx.Module):
+    """A solver's output.
+
+    Attributes:
+        x: the final model state (latent) ``(b, ...)``.
+        image: ``decode(x)`` (equal to ``x`` for pixel-space models).
+        nfe: forward evaluations of the velocity field (all images together, one batched call
+            counting once).
+        backprops: backward passes through the velocity field.
+        diagnostics: per-image arrays, e.g. ``data_fit`` (``Phi`` at the end), ``control_energy``.
+    """
+
+    x: Array
+    image: Array
+    nfe: Int[Array, ""]
+    backprops: Int[Array, ""]
+    diagnostics: dict[str, Array]
+
+
+class InnerSolver(eqx.Module):
+    """The optax optimiser of an inner (sub-)problem.
+
+    ``optimizer="adam"``: ``iters`` Adam steps of learning rate ``lr`` (one value-and-grad each).
+    ``optimizer="lbfgs"``: ``iters`` L-BFGS iterations (memory ``memory``) with a zoom line
+    search of at most ``linesearch_steps`` evaluations; the evaluations it actually spends are
+    counted. Note that L-BFGS couples the images of a batch (one line search for the summed
+    loss), while Adam is separable, i.e. exactly per image.
+    """
+
+    optimizer: str = eqx.field(static=True, default="adam")
+    iters: int = eqx.field(static=True, default=10)
+    lr: float = eqx.field(static=True, default=0.05)
+    memory: int = eqx.field(static=True, default=10)
+    linesearch_steps: int = eqx.field(static=True, default=10)
+
+    def __check_init__(self):
+        if self.optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}")
+        if self.iters < 0:
+            raise ValueError(f"iters must be >= 0, got {self.iters}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def minimize(
+    loss: Callable[[Any], Array], params: Any, inner: InnerSolver
+) -> tuple[Any, Int[Array, ""], Array]:
+    """Minimise a scalar ``loss(params)``; returns ``(params, evaluations, last_value)``.
+
+    ``evaluations`` counts calls of ``value_and_grad(loss)`` (each one forward and one backward
+    pass of whatever ``loss`` contains). Runs in a ``lax.fori_loop`` (jit-able, static length).
+    """
+    if inner.iters == 0:
+        return params, jnp.int32(0), loss(params)
+    if inner.optimizer == "adam":
+        opt = optax.adam(inner.lr)
+        vg = jax.value_and_grad(loss)
+
+        def body(_, carry):
+            p, st, _v = carry
+            v, g = vg(p)
+            upd, st = opt.update(g, st, p)
+            return optax.apply_updates(p, upd), st, v
+
+        p, _, v = jax.lax.fori_loop(
+            0, inner.iters, body, (params, opt.init(params), jnp.zeros((), jnp.float32))
+        )
+        return p, jnp.int32(inner.iters), v
+    opt = optax.lbfgs(
+        memory_size=inner.memory,
+        linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=inner.linesearch_steps),
+    )
+    vg = optax.value_and_grad_from_state(loss)
+
+    def body_l(_, carry):
+        p, st, n, _v = carry
+        v, g = vg(p, state=st)
+        upd, st = opt.update(g, st, p, value=v, grad=g, value_fn=loss)
+        n = n + optax.tree_utils.tree_get(st, "num_linesearch_steps")
+        return optax.apply_updates(p, upd), st, n, v
+
+    init = (params, opt.init(params), jnp.int32(1), jnp.zeros((), jnp.float32))
+    p, _, n, v = jax.lax.fori_loop(0, inner.iters, body_l, init)
+    return p, n.astype(jnp.int32), v
+
+
+def euler_rollout(
+    velocity: Callable[[Array, Array], Array],
+    x: Array,
+    sigmas: Float[Array, " k_plus_1"],
+    controls: Array | None = None,
+    *,
+    v0: Array | None = None,
+    checkpoint: bool = True,
+) -> Array:
+    """Controlled Euler steps ``x <- x + (s_{j+1} - s_j) (v(x, s_j) + u_j)`` over ``sigmas``.
+
+    Args:
+        velocity: ``v(x, sigma)``.
+        x: the state at ``sigmas[0]``.
+        sigmas: the (possibly traced) grid of ``K + 1`` noise levels, decreasing.
+        controls: ``(K, *x.shape)`` per-step controls, or None.
+        v0: the velocity at ``(x, sigmas[0])`` if already known: the first step then makes no
+            model call (and nothing is differentiated through it).
+        checkpoint: rematerialise each step in the backward pass (``jax.checkpoint``), so the
+            memory of a gradient through ``K`` steps is ``O(K)`` states, not ``O(K)`` networks'
+            activations.
+
+    Returns:
+        The state at ``sigmas[-1]``. It makes ``K`` model calls (``K - 1`` with ``v0``).
+    """
+    k = sigmas.shape[0] - 1
+    if controls is None:
+        controls = jnp.zeros((k, *x.shape), x.dtype)
+    if controls.shape != (k, *x.shape):
+        raise ValueError(f"controls must have shape {(k, *x.shape)}, got {controls.shape}")
+
+    def step(x, inp):
+        s, s_next, u = inp
+        return x + (s_next - s).astype(x.dtype) * (velocity(x, s) + u), None
+
+    if checkpoint:
+        step = jax.checkpoint(step)
+    start = 0
+    if v0 is not None:
+        x = x + (sigmas[1] - sigmas[0]).astype(x.dtype) * (v0 + controls[0])
+        start = 1
+    if start == k:
+        return x
+    x, _ = jax.lax.scan(step, x, (sigmas[start:-1], sigmas[start + 1 :], controls[start:]))
+    return x
+
+
+def _bcast(a: Array, like: Array) -> Array:
+    """Append singleton axes to ``a`` so it broadcasts against ``like`` from the left."""
+    return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
+
+
+def _per_image_sum(a: Array) -> Array:
+    return jnp.sum(a, axis=tuple(range(1, a.ndim)))
+
+
+@eqx.filter_jit
+def _run(solver, problem, key, shape):
+    return solver._solve(problem, key, shape)
+
+
+class AbstractInverseSolver(eqx.Module):
+    """Base of every inverse solver: validates inputs, infers the state shape, jit-compiles.
+
+    Subclasses implement ``_solve(problem, key, shape) -> RestoreResult`` as a pure function and
+    state their hyper-parameters as static fields.
+    """
+
+    @abc.abstractmethod
+    def _solve(self, problem: InverseProblem, key: PRNGKeyArray, shape: tuple) -> RestoreResult:
+        """The algorithm (traced under jit)."""
+
+    def _problem(self, field, operator, y, noise_std, cond, decode, shape):
+        if not isinstance(operator, AbstractOperator):
+            raise TypeError(
+                f"operator must be an rfmpc.inverse AbstractOperator, got {type(operator)}"
+            )
+        if not callable(field):
+            raise TypeError(f"field must be a velocity field v(x, sigma, cond), got {type(field)}")
+        y = jnp.asarray(y)
+        if not float(noise_std) > 0:
+            raise ValueError(
+                f"noise_std must be > 0 (the data fit divides by it), got {noise_std}; "
+                "for noiseless data pass a small value such as 1e-3"
+            )
+        if shape is None:
+            if decode is not None:
+                raise ValueError("with decode= (a latent model) pass shape= of the latent batch")
+            shape = operator.input_shape(y.shape)
+        shape = tuple(int(s) for s in shape)
+        if shape[0] != y.shape[0]:
+            raise ValueError(f"shape={shape} and y={y.shape} disagree on the number of images")
+        problem = InverseProblem(
+            field, operator, y, jnp.asarray(noise_std, y.dtype), cond=cond, decode=decode
+        )
+        try:
+            jax.eval_shape(problem.phi, jax.ShapeDtypeStruct(shape, y.dtype))
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"the operator cannot measure a state of shape {shape} against y of shape "
+                f"{y.shape}: {e}"
+            ) from e
+        return problem, shape
+
+    def __call__(
+        self,
+        field: Callable[[Array, Array, Any], Array],
+        operator: AbstractOperator,
+        y: Array,
+        noise_std: float,
+        key: PRNGKeyArray,
+        *,
+        cond: Any = None,
+        decode: Callable[[Array], Array] | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> RestoreResult:
+        """Restore ``x`` from ``y = operator(decode(x)) + noise``.
+
+        Args:
+            field: the prior's velocity ``v(x, sigma, cond)``; pass the same object each call to
+                reuse the compiled program.
+            operator: the forward operator (acts on decoded images).
+            y: the measurement batch (leading axis = images).
+            noise_std: the measurement noise std (> 0), in the image's units.
+            key: PRNG key (initial noise and any stochastic step).
+            cond: the field's conditioning (e.g. an unconditional prompt embedding).
+            decode: latent -> image for latent models; ``None`` for pixel-space models.
+            shape: the model state's batch shape; required with ``decode``, otherwise inferred
+                from the operator (``operator.input_shape(y.shape)``).
+        """
+        problem, shape = self._problem(field, operator, y, noise_std, cond, decode, shape)
+        return _run(self, problem, key, shape)
+
+    def compile(
+        self,
+        field: Callable[[Array, Array, Any], Array],
+        operator: AbstractOperator,
+        y: Array,
+        noise_std: float,
+        key: PRNGKeyArray,
+        *,
+        cond: Any = None,
+        decode: Callable[[Array], Array] | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> CompiledSolve:
+        """Compile ahead of time (same arguments as calling the solver) for timing/memory."""
+        problem, shape = self._problem(field, operator, y, noise_std, cond, decode, shape)
+        t0 = time.perf_counter()
+        compiled = _run.lower(self, problem, key, shape).compile()
+        compile_s = time.perf_counter() - t0
+        memory = {}
+        try:
+            ma = compiled.compiled.memory_analysis()
+            for name in ("temp", "argument", "output", "generated_code"):
+                memory[f"{name}_bytes"] = int(getattr(ma, f"{name}_size_in_bytes"))
+        except Exception:  # memory analysis is optional on some backends
+            memory = {}
+        return CompiledSolve(compiled, (self, problem, key, shape), compile_s, memory)
+
+
+class CompiledSolve:
+    """An ahead-of-time compiled solve: call it (no arguments) to run it.
+
+    ``compile_s``: compilation seconds; ``memory``: XLA's static memory analysis of the program
+    (``temp_bytes`` = the scratch it needs at peak, plus argument/output/code sizes), when the
+    backend reports it.
+    """
+
+    def __init__(self, compiled, args, compile_s: float, memory: dict[str, int]):
+        self._compiled, self._args = compiled, args
+        self.compile_s, self.memory = compile_s, memory
+
+    def __call__(self) -> RestoreResult:
+        return self._compiled(*self._args)
+
+
+def result(problem: InverseProblem, x, nfe, backprops, **diagnostics) -> RestoreResult:
+    """Assemble a :class:`RestoreResult` with the final data fit as a diagnostic."""
+    diagnostics = {"data_fit": problem.phi(x), **diagnostics}
+    return RestoreResult(
+        x=x,
+        image=problem.image(x),
+        nfe=jnp.asarray(nfe, jnp.int32),
+        backprops=jnp.asarray(backprops, jnp.int32),
+        diagnostics=diagnostics,
+    )
