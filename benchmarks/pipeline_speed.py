@@ -1,0 +1,230 @@
+"""End-to-end text-to-image time and peak memory: rfmpc vs diffusers, same config, same device.
+
+Both pipelines are loaded from one locally built random-weight diffusers SD3 folder and generate
+from the same latents, prompt, steps and guidance; the script checks the images agree, then times
+warm-up (incl. compilation) and steady state separately. Each engine runs in its own subprocess so
+its peak memory is its own (peak RSS on CPU; peak device bytes on GPU).
+
+Configs:
+  small       (default, CPU) a 4-layer width-128 MM-DiT, 256 image tokens, tiny VAE/text encoders.
+  sd3-medium  (GPU) SD3-medium's transformer config (24 layers, width 1536) at 128x128 latents
+              with random weights; VAE and text encoders are the tiny fixture ones, so the time is
+              the transformer's 28 CFG steps plus a small decode (say so when you cite it).
+
+Usage: python benchmarks/pipeline_speed.py [--config small] [--steps 28] [--runs 3] [--json]
+       [--save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "small": {
+        "overrides": {
+            "num_layers": 4,
+            "num_attention_heads": 4,
+            "attention_head_dim": 32,
+            "caption_projection_dim": 128,
+            "sample_size": 32,
+        },
+        "size": 128,
+    },
+    "sd3-medium": {
+        "overrides": {
+            "num_layers": 24,
+            "num_attention_heads": 24,
+            "attention_head_dim": 64,
+            "caption_projection_dim": 1536,
+            "pos_embed_max_size": 192,
+            "sample_size": 128,
+        },
+        "size": 512,
+    },
+}
+PROMPT = "a red circle at the top left on a blue background"
+
+
+def _peak_memory() -> tuple[int, str]:
+    import resource
+
+    import jax
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def _engine(engine: str, folder: str, size: int, steps: int, runs: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lat_nhwc = rng.standard_normal((1, size // 4, size // 4, 16)).astype(np.float32)
+    if engine == "rfmpc":
+        import jax
+
+        from rfmpc.pipeline import load_pipeline
+
+        t0 = time.perf_counter()
+        pipe = load_pipeline(folder)
+        load_s = time.perf_counter() - t0
+
+        def gen():
+            out = pipe(
+                PROMPT,
+                num_inference_steps=steps,
+                guidance_scale=7.0,
+                latents=lat_nhwc,
+                height=size,
+                width=size,
+                max_sequence_length=16,
+            )
+            return np.asarray(out.images)
+
+        device = str(jax.devices()[0].device_kind)
+    else:
+        import torch
+        from diffusers import StableDiffusion3Pipeline
+
+        t0 = time.perf_counter()
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True).to(dev)
+        load_s = time.perf_counter() - t0
+        lat = torch.from_numpy(lat_nhwc.transpose(0, 3, 1, 2).copy()).to(dev)
+
+        def gen():
+            with torch.no_grad():
+                out = pipe(
+                    PROMPT,
+                    num_inference_steps=steps,
+                    guidance_scale=7.0,
+                    latents=lat,
+                    height=size,
+                    width=size,
+                    max_sequence_length=16,
+                    output_type="np",
+                )
+            return out.images
+
+        device = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu"
+    t0 = time.perf_counter()
+    img = gen()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        img = gen()
+        times.append(time.perf_counter() - t0)
+    peak, peak_kind = _peak_memory()
+    np.save(Path(folder).parent / f"{engine}.npy", img)
+    return {
+        "engine": engine,
+        "device": device,
+        "load_s": load_s,
+        "warmup_s": warm,
+        "median_s": float(np.median(times)),
+        "min_s": float(min(times)),
+        "times_s": times,
+        "peak_bytes": peak,
+        "peak_kind": peak_kind,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--save", action="store_true")
+    p.add_argument("--_engine", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_folder", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cfg = CONFIGS[args.config]
+    if args._engine:  # child process
+        print(json.dumps(_engine(args._engine, args._folder, cfg["size"], args.steps, args.runs)))
+        return 0
+    import numpy as np
+
+    from weights_conversion.fixtures import build_tiny_sd3_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "sd3"
+        build_tiny_sd3_pipeline(folder, seed=0, transformer_overrides=cfg["overrides"])
+        recs = {}
+        for engine in ("rfmpc", "diffusers"):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--config",
+                    args.config,
+                    "--steps",
+                    str(args.steps),
+                    "--runs",
+                    str(args.runs),
+                    "--_engine",
+                    engine,
+                    "--_folder",
+                    str(folder),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            recs[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+        diff = float(
+            np.abs(np.load(Path(tmp) / "rfmpc.npy") - np.load(Path(tmp) / "diffusers.npy")).max()
+        )
+    r, d = recs["rfmpc"], recs["diffusers"]
+    result = {
+        "benchmark": "pipeline_speed",
+        "date": _dt.date.today().isoformat(),
+        "config": args.config,
+        "steps": args.steps,
+        "guidance": 7.0,
+        "image_size": cfg["size"],
+        "device": r["device"],
+        "rfmpc": r,
+        "diffusers": d,
+        "speedup_median": d["median_s"] / r["median_s"],
+        "speedup_min": d["min_s"] / r["min_s"],
+        "max_abs_image_diff": diff,
+    }
+    md = (
+        f"# pipeline_speed ({result['date']}, {args.config}, device: {r['device']})\n\n"
+        f"{args.steps} steps, CFG 7.0, {cfg['size']}x{cfg['size']}, batch 1; images agree to "
+        f"{diff:.1e} max abs.\n\n"
+        "| engine | load s | warm-up s (incl. compile) | median s/image | min s/image "
+        "| peak memory |\n"
+        "|---|---|---|---|---|---|\n"
+        + "".join(
+            f"| {e['engine']} | {e['load_s']:.2f} | {e['warmup_s']:.2f} | {e['median_s']:.3f} | "
+            f"{e['min_s']:.3f} | {e['peak_bytes'] / 2**20:.0f} MiB ({e['peak_kind']}) |\n"
+            for e in (r, d)
+        )
+        + f"\nspeed-up rfmpc vs diffusers: {result['speedup_median']:.2f}x (median), "
+        f"{result['speedup_min']:.2f}x (min)\n"
+    )
+    if args.save:
+        out_dir = Path(__file__).parent / "results"
+        dev = "".join(c if c.isalnum() else "-" for c in r["device"].lower()).strip("-")
+        stem = out_dir / f"{result['date']}-{dev}-pipeline_speed-{args.config}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        stem.with_suffix(".md").write_text(md)
+    print(json.dumps(result) if args.json else md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
