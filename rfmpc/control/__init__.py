@@ -36,6 +36,7 @@ from rfmpc.control.shooting import (
     implied_noise,
     multiple_shooting,
     noise_consistency_error,
+    shooting_objective,
     single_shooting,
 )
 from rfmpc.control.switch import (
@@ -81,6 +82,7 @@ __all__ = [
     "noise_consistency_error",
     "num_probes",
     "shift_warm_start",
+    "shooting_objective",
     "single_shooting",
     "solve_block_qp",
     "stack_states",

@@ -238,19 +238,41 @@ class _Ctx(eqx.Module):
     mode: str = eqx.field(static=True)
 
 
+def _linearise_command(ctx: _Ctx, x, s_j, a, stride: int):
+    """``(v_cmd(x), J_cmd blocks, v_B(x))`` with the branch chosen *outside* the linearisation.
+
+    (Linearising through :class:`BlendedField`'s ``lax.cond`` is correct but needlessly slow.)
+    """
+    dtype = x.dtype
+    f = lambda c: lambda z: ctx.field(z, s_j, c).astype(dtype)
+
+    def single():
+        c = jax.tree.map(lambda p, q: jnp.where(a >= 1, q, p), ctx.cond_a, ctx.cond_b)
+        v, jac = jacobian_blocks(f(c), x, stride=stride)
+        v_b = jax.lax.cond(a >= 1, lambda: v, lambda: f(ctx.cond_b)(x))
+        return v, jac, v_b
+
+    def both():
+        if ctx.mode == "cond":
+            c = jax.tree.map(lambda p, q: (1 - a) * p + a * q, ctx.cond_a, ctx.cond_b)
+            v, jac = jacobian_blocks(f(c), x, stride=stride)
+            return v, jac, f(ctx.cond_b)(x)
+        v_a, j_a = jacobian_blocks(f(ctx.cond_a), x, stride=stride)
+        v_b, j_b = jacobian_blocks(f(ctx.cond_b), x, stride=stride)
+        return (1 - a) * v_a + a * v_b, (1 - a) * j_a + a * j_b, v_b
+
+    return jax.lax.cond((a > 0) & (a < 1), both, single)
+
+
 def _mpc_step(ctx: _Ctx, opts: MPCOptions, j, x, u_prev, warm: QPResult | None):
     """One receding-horizon step at grid step ``j`` (traced). Returns (x_next, u0, info, sol)."""
     n = ctx.alpha.shape[0]
     n_p = opts.horizon
     dtype = x.dtype
-    bf = BlendedField(ctx.field, ctx.mode)
     a = ctx.alpha[j]
     sig = jnp.concatenate([ctx.sigmas.astype(dtype), jnp.zeros((n_p,), dtype)])
     s_j = sig[j]
-    v_bar, jac = jacobian_blocks(
-        lambda z: bf(z, s_j, (ctx.cond_a, ctx.cond_b, a)), x, stride=opts.stride
-    )
-    v_b = jax.lax.cond(a >= 1, lambda: v_bar, lambda: ctx.field(x, s_j, ctx.cond_b).astype(dtype))
+    v_bar, jac, v_b = _linearise_command(ctx, x, s_j, a, opts.stride)
     x0_hat = x - s_j * v_b
     consistency = jnp.mean((x + (1 - s_j) * v_b - ctx.target) ** 2)
     idx = j + jnp.arange(n_p)

@@ -51,6 +51,7 @@ Reference: A. Patel, "Shooting Method and MPC for Cross-Prompt Caching in Rectif
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,7 @@ __all__ = [
     "implied_noise",
     "multiple_shooting",
     "noise_consistency_error",
+    "shooting_objective",
     "single_shooting",
 ]
 
@@ -352,6 +354,36 @@ def _prepare(field, x, sigmas, start, cond_a, cond_b, noise, alpha, mode, opts):
         )
     prob = _Problem(field, sigmas.astype(x.dtype), cond_a, cond_b, alpha, noise, mode)
     return prob, x, int(start), H
+
+
+def shooting_objective(
+    field: Callable[[Array, Array, Any], Array],
+    x: Float[Array, "..."],
+    sigmas: Float[Array, " n_plus_1"],
+    start: int,
+    cond_a: Any,
+    cond_b: Any,
+    noise: Float[Array, "..."],
+    controls: Float[Array, "h ..."],
+    alpha: Float[Array, " n"] | None = None,
+    *,
+    options: ShootingOptions = ShootingOptions(),
+    mode: str = "velocity",
+) -> Float[Array, ""]:
+    """The single-shooting objective ``J(u)`` of the module docstring for ``controls`` (H, ...).
+
+    Differentiable (``jax.grad`` w.r.t. ``controls`` or ``x`` is what :func:`single_shooting`
+    descends); the horizon is ``controls.shape[0]``.
+    """
+    opts = dataclasses.replace(options, horizon=int(jnp.shape(controls)[0]))
+    prob, x, start, H = _prepare(field, x, sigmas, start, cond_a, cond_b, noise, alpha, mode, opts)
+    if jnp.shape(controls) != (H, *x.shape):
+        raise ValueError(
+            f"controls have shape {jnp.shape(controls)}; expected (H, *x.shape) with H <= the "
+            f"remaining steps, i.e. {(H, *x.shape)}"
+        )
+    xs = _rollout(prob, x, controls, start)
+    return _path_terms(prob, controls, xs[1:], start, opts)[0]
 
 
 def single_shooting(
