@@ -8,10 +8,11 @@ the number of images; compile time reported apart), XLA's compiled scratch memor
 NFE and backprops through the model. Writes a markdown table and a PNG grid
 (measurement, each method, truth) with ``--save``.
 
-Priors (``--field``):
-  gmm       the exact isotropic Gaussian mixture over rendered training-split scenes
-            (``rfmpc.inverse.priors.procedural_prior``): runs anywhere, no trained weights.
-  embedded  the project's embedded default model via ``rfmpc.inverse.cli.provide_prior``.
+Priors (``--field``, see ``rfmpc.inverse.cli.provide_prior``):
+  gmm         the exact isotropic Gaussian mixture over rendered training-split scenes
+              (``rfmpc.inverse.priors.procedural_prior``): runs anywhere, no trained weights.
+  embedded    the project's embedded default model (``rfmpc.pipeline.load_pipeline(None)``).
+  tiny-mmdit  a random 1-layer MM-DiT in a real Pipeline: timing/memory plumbing only.
 
 Usage: python benchmarks/inverse_table.py --field gmm --n-images 4 [--save]
 """
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rfmpc.inverse import METHODS, make_solver
-from rfmpc.inverse.cli import DEFAULT_NOISE, provide_prior
+from rfmpc.inverse.cli import DEFAULT_NOISE, PRIORS, provide_prior
 from rfmpc.inverse.metrics import peak_memory, psnr, ssim, ssim_skimage, timed, to_unit
 from rfmpc.inverse.operators import TASKS, add_noise, make_operator
 from rfmpc.inverse.priors import heldout_images
@@ -140,7 +141,7 @@ def grid_png(path, all_images, tasks, methods):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--field", choices=("gmm", "embedded"), default="gmm")
+    p.add_argument("--field", choices=PRIORS, default="gmm")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(PAPER_TASKS))
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--n-images", type=int, default=4)

@@ -92,21 +92,24 @@ def test_isotropic_mixture_is_the_gmm_velocity(getkey):
 
 
 def test_restore_cli_json_contract(tmp_path, capsys):
-    """`restore` on the stand-in prior: the JSON has the contract's keys and sane values."""
+    """`restore` through a real Pipeline (tiny random MM-DiT, adapted by prior_from_pipeline):
+    MPC-Flow backpropagates through the network; the JSON has the contract's keys."""
     pytest.importorskip("rfmpc.data")
+    pytest.importorskip("rfmpc.pipeline")
     from rfmpc.inverse.cli import add_restore_parser
 
     p = argparse.ArgumentParser()
     add_restore_parser(p.add_subparsers(dest="command"))
     out = tmp_path / "strip.png"
     prompt = "a red circle at the top left on a blue background"
-    argv = "restore --task sr4 --method mpc-k1 --prior gmm --seed 3 --json".split()
+    argv = "restore --task sr4 --method mpc-rhc --prior tiny-mmdit --seed 3 --json".split()
     args = p.parse_args([*argv, "--prompt", prompt, "--out", str(out)])
     assert args.func(args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("task", "method", "psnr_db", "ssim", "wall_s", "nfe", "peak_mem_bytes"):
         assert key in res
-    assert (res["task"], res["method"], res["nfe"], res["backprops"]) == ("sr4", "mpc-k1", 20, 0)
+    # defaults: N = 20 steps, K = 2, 5 Adam iterations: 19 * (1 + 5) + 1 calls, 19 * 5 backprops
+    assert (res["task"], res["method"], res["nfe"], res["backprops"]) == ("sr4", "mpc-rhc", 115, 95)
     assert 5.0 < res["psnr_db"] < 60.0 and -1.0 <= res["ssim"] <= 1.0 and res["wall_s"] > 0
     assert out.stat().st_size > 0
     with pytest.raises(SystemExit):

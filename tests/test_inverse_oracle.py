@@ -207,7 +207,7 @@ def test_rhc_formula_counts_and_checkpoint_recompute(oracle, getkey):
 # ------------------------------------------------------------------ K = 1 closed form
 
 
-def test_single_step_k1_and_dt_match_closed_form(oracle, getkey):
+def test_single_step_k1_matches_closed_form(oracle, getkey):
     """With N = 1 the sub-problem is the whole problem: min_u ||u||^2 + lam Phi(x0hat - u),
     quadratic for linear A: (2 I + lam A^T A / s^2) u = lam A^T (A x0hat - y) / s^2."""
     f, A, lam = oracle["field"], oracle["A"], 0.7

@@ -3,7 +3,7 @@
     rfmpc restore --task {inpaint-box,inpaint-random,deblur,sr2,sr4,denoise,nonlinear-deblur}
                   --method {mpc-rhc,mpc-dt,mpc-k1,pnp-flow,d-flow,flowgrad,oc-flow,flowchef}
                   [--image PNG | --prompt P] [--noise S] --seed S [--out PNG] [--json]
-                  [--prior {embedded,gmm}]
+                  [--prior {embedded,gmm,tiny-mmdit}]
 
 The ground truth is ``--image`` (resized to the model's resolution if needed), or the image
 ``rfmpc.data`` renders for ``--prompt``, or (neither) a held-out procedural scene drawn from the
@@ -12,8 +12,8 @@ seed. The measurement is ``y = A(truth) + noise`` with the task's operator; the 
 (pre-compiled; ``compile_s`` is reported apart). Inverse problems use the *unconditional* prior:
 the prompt only renders the truth, it does not condition the model (that would leak the answer).
 
-The model comes from :func:`provide_prior`; :func:`prior_from_pipeline` is the one small adapter
-to wire to ``rfmpc.pipeline.load_pipeline(None)``.
+The model comes from :func:`provide_prior` (``--prior``; default: the embedded model through
+``rfmpc.pipeline.load_pipeline(None)``, adapted by :func:`prior_from_pipeline`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_NOISE",
+    "PRIORS",
     "Prior",
     "add_restore_parser",
     "cmd_restore",
     "prior_from_pipeline",
     "provide_prior",
+    "tiny_mmdit_pipeline",
 ]
 
 #: Measurement noise std per task, in model units ([-1, 1] images).
@@ -53,8 +55,9 @@ DEFAULT_NOISE = {
 class Prior:
     """What a solver needs from a model.
 
-    ``field(x, sigma, cond)``: the velocity; ``cond``: the unconditional conditioning;
-    ``image_shape``: ``(h, w, c)`` of decoded images; ``decode``/``latent_shape``: for latent
+    ``field(x, sigma, cond)``: the velocity; ``cond``: the unconditional conditioning for one
+    image (:meth:`cond_for` broadcasts it to a batch); ``image_shape``: ``(h, w, c)`` of images in
+    model space ``[-1, 1]``; ``decode``/``latent_shape``: latent -> model-space image for latent
     models (``None`` for pixel-space ones).
     """
 
@@ -65,38 +68,94 @@ class Prior:
     decode: Callable[[Any], Any] | None = None
     latent_shape: tuple[int, ...] | None = None
 
+    def cond_for(self, batch: int) -> Any:
+        """``cond`` with its leading (batch) axis broadcast to ``batch``."""
+        import jax
+        import jax.numpy as jnp
 
-def prior_from_pipeline(pipe) -> Prior:
-    """Adapt a loaded pipeline to :class:`Prior` (the one place to wire the embedded model).
+        if self.cond is None:
+            return None
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape[1:])), self.cond)
 
-    Expects (duck-typed): ``pipe.field`` (a velocity field ``v(x, sigma, cond)``),
-    ``pipe.encode_prompt(text)`` (conditioning; the empty prompt is the unconditional one),
-    ``pipe.image_shape`` ``(h, w, c)``, and for latent models ``pipe.decode`` and
-    ``pipe.latent_shape``.
+    def state_shape(self, batch: int) -> tuple[int, ...] | None:
+        """The solver's ``shape=`` argument: the latent batch shape, or None (pixel space)."""
+        return None if self.latent_shape is None else (batch, *self.latent_shape)
+
+
+def prior_from_pipeline(pipe, name: str | None = None) -> Prior:
+    """Adapt an :class:`rfmpc.pipeline.Pipeline` to a :class:`Prior` (unconditional).
+
+    Uses ``pipe.field``, the empty prompt's conditioning ``pipe.encode_prompt("")[0]``,
+    ``pipe.default_size``, ``pipe.latent_shape`` and ``pipe.decode`` (which returns ``[0, 1]``
+    images; mapped to model space ``[-1, 1]`` here). Pixel-space pipelines (latent = image) get
+    ``decode=None``.
     """
-    missing = [a for a in ("field", "encode_prompt", "image_shape") if not hasattr(pipe, a)]
-    if missing:
-        raise ValueError(
-            f"the loaded pipeline lacks {missing}; wire rfmpc.inverse.cli.prior_from_pipeline "
-            "to its API (or run with --prior gmm)"
-        )
-    decode = getattr(pipe, "decode", None)
-    latent = getattr(pipe, "latent_shape", None)
+    h, w = (int(s) for s in pipe.default_size)
+    cond, _ = pipe.encode_prompt("")
+    latent = tuple(int(s) for s in pipe.latent_shape(1, h, w)[1:])
+    pixel = latent == (h, w, 3)
+    decode = None if pixel else (lambda z: 2.0 * pipe.decode(z) - 1.0)
     return Prior(
-        name="embedded",
+        name=name or f"{pipe.model_id} (unconditional)",
         field=pipe.field,
-        image_shape=tuple(pipe.image_shape),
-        cond=pipe.encode_prompt(""),
-        decode=decode if latent is not None else None,
-        latent_shape=None if latent is None else tuple(latent),
+        image_shape=(h, w, 3),
+        cond=cond,
+        decode=decode,
+        latent_shape=None if pixel else latent,
     )
 
 
-def provide_prior(name: str = "embedded") -> Prior:
-    """The prior called ``name``: ``"embedded"`` (the default model) or ``"gmm"``.
+def tiny_mmdit_pipeline(resolution: int = 16, seed: int = 0):
+    """A randomly initialised 1-layer pixel-space MM-DiT in a real :class:`Pipeline` (stand-in
+    for plumbing, timing and memory checks; its restorations mean nothing)."""
+    import jax.numpy as jnp
+    from flax import nnx
 
-    ``"gmm"`` is the exact isotropic Gaussian mixture over 256 rendered training-split scenes at
-    32x32 (``rfmpc.inverse.priors.procedural_prior``), which needs no trained weights.
+    from rfmpc.models.configs import MMDiTConfig
+    from rfmpc.models.mmdit import MMDiT
+    from rfmpc.models.transformer import Transformer
+    from rfmpc.pipeline import Pipeline, PixelCodec
+
+    cfg = MMDiTConfig(
+        sample_size=resolution,
+        patch_size=4,
+        in_channels=3,
+        out_channels=3,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=8,
+        caption_projection_dim=32,
+        pooled_projection_dim=8,
+        pos_embed_max_size=resolution // 4,
+    )
+    transformer = Transformer.from_module(MMDiT(cfg, rngs=nnx.Rngs(seed)))
+
+    def text_encoder(prompts, max_sequence_length=None):
+        n = len(prompts)
+        return {"embeds": jnp.zeros((n, 4, 8)), "pooled": jnp.zeros((n, 8))}
+
+    return Pipeline(
+        transformer=transformer,
+        text_encoder=text_encoder,
+        codec=PixelCodec(),
+        shift=1.0,
+        model_id="tiny-random-mmdit",
+        default_size=(resolution, resolution),
+    )
+
+
+#: Priors :func:`provide_prior` knows.
+PRIORS = ("embedded", "gmm", "tiny-mmdit")
+
+
+def provide_prior(name: str = "embedded") -> Prior:
+    """The prior called ``name`` (see :data:`PRIORS`).
+
+    ``"embedded"``: the embedded default model, ``rfmpc.pipeline.load_pipeline(None)``.
+    ``"gmm"``: the exact isotropic Gaussian mixture over 256 rendered training-split scenes at
+    32x32 (``rfmpc.inverse.priors.procedural_prior``); needs no trained weights.
+    ``"tiny-mmdit"``: :func:`tiny_mmdit_pipeline` (random weights; plumbing/timing only).
     """
     if name == "gmm":
         from rfmpc.inverse.priors import procedural_prior
@@ -107,16 +166,13 @@ def provide_prior(name: str = "embedded") -> Prior:
             field=f,
             image_shape=f.image_shape,
         )
+    if name == "tiny-mmdit":
+        return prior_from_pipeline(tiny_mmdit_pipeline(), name="tiny random MM-DiT (16x16)")
     if name == "embedded":
-        try:
-            from rfmpc.pipeline import load_pipeline
-        except ImportError as e:
-            raise ValueError(
-                "the embedded model needs rfmpc.pipeline.load_pipeline, which is not available "
-                "in this installation; use --prior gmm"
-            ) from e
+        from rfmpc.pipeline import load_pipeline
+
         return prior_from_pipeline(load_pipeline(None))
-    raise ValueError(f"unknown prior {name!r}; choose 'embedded' or 'gmm'")
+    raise ValueError(f"unknown prior {name!r}; choose one of {list(PRIORS)}")
 
 
 def _load_png(path: str, image_shape) -> np.ndarray:
@@ -168,9 +224,15 @@ def cmd_restore(args) -> int:
     op = make_operator(args.task, prior.image_shape, k_op)
     y = add_noise(k_noise, op(truth), noise)
     solver = make_solver(args.method)
-    shape = None if prior.decode is None else (1, *prior.latent_shape)
     compiled = solver.compile(
-        prior.field, op, y, noise, k_solve, cond=prior.cond, decode=prior.decode, shape=shape
+        prior.field,
+        op,
+        y,
+        noise,
+        k_solve,
+        cond=prior.cond_for(1),
+        decode=prior.decode,
+        shape=prior.state_shape(1),
     )
     t0 = time.perf_counter()
     res = jax.block_until_ready(compiled())
@@ -226,7 +288,12 @@ def add_restore_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--noise", type=float, default=None, help="noise std (default: per task)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", help="write a PNG strip: measurement | restored | truth")
-    r.add_argument("--prior", choices=("embedded", "gmm"), default="embedded")
+    r.add_argument(
+        "--prior",
+        choices=PRIORS,
+        default="embedded",
+        help="embedded: the default model; gmm: exact mixture stand-in; tiny-mmdit: random net",
+    )
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_restore)
     return r
