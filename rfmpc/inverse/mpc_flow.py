@@ -14,8 +14,16 @@ solves a *sub-problem* from the current state, applies the first control for one
 re-plans (receding horizon). Two horizons (:class:`MPCFlow` ``horizon=``):
 
 * ``"receding"`` (RHC, H = remaining time): the sub-problem covers ``[sigma_i, 0]`` with ``K``
-  uniform coarse Euler steps and controls ``u_0 .. u_{K-1}``; cost
-  ``sum_j ||u_j||^2 dtau + lam Phi(x_K)``. The first velocity ``v(x_i, sigma_i)`` does not depend
+  coarse Euler steps and controls ``u_0 .. u_{K-1}``; cost ``sum_j ||u_j||^2 dtau_j +
+  lam Phi(x_K)``. The coarse grid (:func:`horizon_grid`) is either ``"uniform"`` (K equal steps)
+  or ``"aligned"`` (default): the first coarse step *is* the sampler's step ``[sigma_i,
+  sigma_{i+1}]`` and the other ``K - 1`` split ``[sigma_{i+1}, 0]`` evenly, so the control that
+  is applied is exactly the one that was planned (as the principle of optimality behind
+  receding-horizon control requires); the sampler's last step is then a K = 1 problem over
+  exactly the remaining horizon. (With the uniform grid the first control, planned for
+  ``sigma_i / K``, is applied over the shorter step; on our mixture priors this under-steers:
+  the coarse prediction contracts early controls away and the plan defers them.) The first
+  velocity ``v(x_i, sigma_i)`` does not depend
   on the controls, so it is computed once and every inner gradient backpropagates through only
   ``K - 1`` model calls (each rematerialised with ``jax.checkpoint``: memory grows like ``K``
   states, not ``K`` networks' activations). The control sequence is warm-started by shifting the
@@ -33,8 +41,9 @@ is unchanged; only the coordinates differ), so Adam's learning rate is in image 
 the step size.
 
 Counts (Adam, exact; L-BFGS counts its line-search evaluations): RHC per step ``1 + iters (K-1)``
-model calls and ``iters (K-1)`` backprops; Δt per step ``1 + iters`` calls and ``iters`` backprops
-(the last step: 1 and 0).
+model calls and ``iters (K-1)`` backprops, Δt per step ``1 + iters`` calls and ``iters``
+backprops; for both the last step makes 1 call and no backprop. With the defaults (N = 20, K = 2,
+5 Adam iterations): 115 calls and 95 backprops; K = 1 (10 iterations): 20 calls, 0 backprops.
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ from rfmpc.inverse._common import (
     result,
 )
 
-__all__ = ["MPCFlow", "mpc_dt", "mpc_k1", "mpc_rhc"]
+__all__ = ["MPCFlow", "horizon_grid", "mpc_dt", "mpc_k1", "mpc_rhc"]
 
 
 def horizon_grid(sigma_now, sigma_next, k: int, aligned: bool):
@@ -93,6 +102,7 @@ class MPCFlow(AbstractInverseSolver):
         horizon: ``"receding"`` (H = remaining time, ``K`` coarse steps) or ``"dt"``.
         num_steps: N, the sampler's Euler steps (one sub-problem each). Default 20.
         horizon_steps: K, coarse Euler steps of a receding-horizon sub-problem (>= 1). Default 2.
+        grid: ``"aligned"`` (default) or ``"uniform"`` coarse grid, see :func:`horizon_grid`.
         lam: weight of the data fit ``Phi`` against the control energy. Default 1.
         inner: the inner optimiser (default Adam, 5 iterations, lr 0.05 in image units).
         shift: the FlowMatch grid shift (1 = uniform). Default 1.
