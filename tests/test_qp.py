@@ -1,4 +1,4 @@
-"""Block-diagonal condensed MPC QPs: batched BoxOSQP against the ``osqp`` package, algebra checks."""
+"""Block-diagonal condensed MPC QPs: batched BoxOSQP against the ``osqp`` package; algebra."""
 
 import jax
 import jax.numpy as jnp

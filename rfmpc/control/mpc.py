@@ -236,6 +236,7 @@ class _Ctx(eqx.Module):
     target: Array
     plan: MPCPlan
     mode: str = eqx.field(static=True)
+    binary: bool = eqx.field(static=True, default=False)
 
 
 def _linearise_command(ctx: _Ctx, x, s_j, a, stride: int):
@@ -261,6 +262,8 @@ def _linearise_command(ctx: _Ctx, x, s_j, a, stride: int):
         v_b, j_b = jacobian_blocks(f(ctx.cond_b), x, stride=stride)
         return (1 - a) * v_a + a * v_b, (1 - a) * j_a + a * j_b, v_b
 
+    if ctx.binary:
+        return single()
     return jax.lax.cond((a > 0) & (a < 1), both, single)
 
 
@@ -395,11 +398,12 @@ def mpc_switch(
     noise = jnp.asarray(noise, x.dtype)
     if noise.shape != x.shape:
         raise ValueError(f"noise has shape {noise.shape}; it must match x's shape {x.shape}")
-    alpha = alpha_direct(n, int(start)) if alpha is None else jnp.asarray(alpha)
-    if alpha.shape != (n,):
-        raise ValueError(f"alpha must have shape ({n},), got {alpha.shape}")
+    if alpha is not None and jnp.shape(alpha) != (n,):
+        raise ValueError(f"alpha must have shape ({n},), got {jnp.shape(alpha)}")
     plan = MPCPlan.empty(x, n) if plan is None else plan
-    ctx = _Ctx(field, sigmas, cond_a, cond_b, alpha, noise, plan, mode)
+    binary = alpha is None
+    alpha = alpha_direct(n, int(start)) if alpha is None else jnp.asarray(alpha)
+    ctx = _Ctx(field, sigmas, cond_a, cond_b, alpha, noise, plan, mode, binary)
     return _mpc_run(ctx, x, int(start), options)
 
 
@@ -427,7 +431,7 @@ def _plain_tail(ctx: _Ctx, x, start: int):
     n = ctx.alpha.shape[0]
     if start >= n:
         return x, jnp.int32(0)
-    bf = BlendedField(ctx.field, ctx.mode)
+    bf = BlendedField(ctx.field, ctx.mode, ctx.binary)
     sched = BlendSchedule(ctx.cond_a, ctx.cond_b, ctx.alpha)
     out = integrate(bf, x, ctx.sigmas, sched, control=ctx.plan.u[start:], start=start)
     return out.x, blend_nfe(ctx.alpha, start, n, ctx.mode)

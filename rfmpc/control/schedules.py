@@ -133,10 +133,13 @@ class BlendedField(eqx.Module):
     ``vmap``-batched call otherwise, so ``cond_a`` and ``cond_b`` must have equal structure and
     shapes; under an outer ``vmap`` with a batched ``alpha`` both branches run, same result).
     ``mode="cond"``: ``v(x, s, (1 - alpha) cond_a + alpha cond_b)`` on every pytree leaf.
+    ``binary=True`` promises ``alpha`` is always exactly 0 or 1 (a direct switch) and compiles
+    only the one-call branch.
     """
 
     field: Callable[[Array, Array, Any], Array]
     mode: str = eqx.field(static=True, default="velocity")
+    binary: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         if self.mode not in _MODES:
@@ -158,6 +161,8 @@ class BlendedField(eqx.Module):
             v = jax.vmap(lambda c: self.field(x, sigma, c))(cs).astype(x.dtype)
             return (1 - a) * v[0] + a * v[1]
 
+        if self.binary:  # the schedule is known to be 0/1 (a direct switch): one branch
+            return single()
         return jax.lax.cond((a > 0) & (a < 1), both, single)
 
 

@@ -108,6 +108,7 @@ class ShootingOptions:
             B's trajectory.
         max_iter: optimiser iterations (multiple shooting: in total over its outer iterations).
         learning_rate: optimiser step size (controls are in velocity units).
+        lr_final: the step size decays (cosine) to ``lr_final * learning_rate``.
         rtol: early stop when ``(J_prev - J) / |J_prev| < rtol`` for ``patience`` iterations.
         patience: see ``rtol``.
         consistency_weight: ``w_i`` for every step, or ``consistency_weights`` per step.
@@ -122,6 +123,7 @@ class ShootingOptions:
     horizon: int | None = 3
     max_iter: int = 30
     learning_rate: float = 0.1
+    lr_final: float = 0.01
     rtol: float = 1e-3
     patience: int = 3
     consistency_weight: float = 1.0
@@ -131,9 +133,9 @@ class ShootingOptions:
     terminal_weight: float = 0.0
     optimizer: str = "adam"
     num_segments: int = 2
-    penalty: float = 10.0
-    penalty_growth: float = 4.0
-    outer_iters: int = 4
+    penalty: float = 100.0
+    penalty_growth: float = 10.0
+    outer_iters: int = 3
 
     def __post_init__(self):
         if self.horizon is not None and (not isinstance(self.horizon, int) or self.horizon < 1):
@@ -148,10 +150,14 @@ class ShootingOptions:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
-    def make_optimizer(self) -> optax.GradientTransformation:
+    def make_optimizer(self, num_iters: int) -> optax.GradientTransformation:
+        """The optax optimiser; the step size decays (cosine) to ``lr_final`` times its start
+        over ``num_iters`` iterations, so the iterates settle instead of hovering at Adam's
+        step-size scale (which matters for the continuity constraints of multiple shooting)."""
+        lr = optax.cosine_decay_schedule(self.learning_rate, max(num_iters, 1), self.lr_final)
         if self.optimizer == "adam":
-            return optax.adam(self.learning_rate)
-        return optax.sgd(self.learning_rate)
+            return optax.adam(lr)
+        return optax.sgd(lr)
 
 
 class ShootingResult(eqx.Module):
@@ -204,9 +210,10 @@ class _Problem(eqx.Module):
     alpha: Array
     target: Array
     mode: str = eqx.field(static=True)
+    binary: bool = eqx.field(static=True, default=False)
 
     def blended(self):
-        return BlendedField(self.field, self.mode), BlendSchedule(
+        return BlendedField(self.field, self.mode, self.binary), BlendSchedule(
             self.cond_a, self.cond_b, self.alpha
         )
 
@@ -290,7 +297,7 @@ def _optimise(loss_fn, params0, opts: ShootingOptions, max_iter: int):
 
     Returns ``(best_params, best_J, best_aux, history (max_iter,), iterations, status)``.
     """
-    opt = opts.make_optimizer()
+    opt = opts.make_optimizer(max_iter)
     vg = jax.value_and_grad(loss_fn, has_aux=True)
     (j0, aux0), _ = jax.eval_shape(vg, params0)
     dtype = j0.dtype
@@ -347,12 +354,13 @@ def _prepare(field, x, sigmas, start, cond_a, cond_b, noise, alpha, mode, opts):
     sigmas = jnp.asarray(sigmas)
     n = int(sigmas.shape[0]) - 1
     H = resolve_horizon(opts.horizon, int(start), n)
+    binary = alpha is None
     alpha = alpha_direct(n, int(start)) if alpha is None else jnp.asarray(alpha)
     if alpha.shape != (n,):
         raise ValueError(
             f"alpha must have shape ({n},) (one weight per grid step), got {alpha.shape}"
         )
-    prob = _Problem(field, sigmas.astype(x.dtype), cond_a, cond_b, alpha, noise, mode)
+    prob = _Problem(field, sigmas.astype(x.dtype), cond_a, cond_b, alpha, noise, mode, binary)
     return prob, x, int(start), H
 
 

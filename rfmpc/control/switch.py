@@ -164,8 +164,9 @@ class SwitchConfig:
             raise TypeError("mpc must be an MPCOptions")
 
 
-class SwitchResult(eqx.Module):
-    """Outcome of :func:`switch`.
+@dataclass(frozen=True)
+class SwitchResult:
+    """Outcome of :func:`switch` (a plain record, not a pytree).
 
     Attributes:
         state: the final :class:`TrajectoryState` (step N, cond = cond_b, A's key and grid).
@@ -179,25 +180,26 @@ class SwitchResult(eqx.Module):
     """
 
     state: TrajectoryState
-    method: str = eqx.field(static=True)
-    nfe: int = eqx.field(static=True)
-    planning_s: float = eqx.field(static=True)
-    wall_s: float = eqx.field(static=True)
-    fallback: bool = eqx.field(static=True)
-    fallback_reason: str | None = eqx.field(static=True)
-    diagnostics: dict = eqx.field(static=True)
+    method: str
+    nfe: int
+    planning_s: float
+    wall_s: float
+    fallback: bool
+    fallback_reason: str | None
+    diagnostics: dict
 
 
-class BatchSwitchResult(eqx.Module):
+@dataclass(frozen=True)
+class BatchSwitchResult:
     """Outcome of :func:`switch_batch`: per-pair arrays stacked on a leading axis."""
 
     x: Array
     nfe: Array
     fallback: Array
-    planning_s: float = eqx.field(static=True)
-    wall_s: float = eqx.field(static=True)
-    method: str = eqx.field(static=True)
-    diagnostics: dict = eqx.field(static=True)
+    planning_s: float
+    wall_s: float
+    method: str
+    diagnostics: dict
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -238,6 +240,7 @@ def _plan(method, cfg, field, x, eps, sigmas, cond_a, cond_b, k, key, sim, final
     sig = sigmas.astype(x.dtype)
     sig_k = sig[k]
     out: dict[str, Any] = {}
+    binary = _command(method, cfg) == "direct"
     alpha, sim, nfe = _alpha(cfg, _command(method, cfg), n, k, field, x, sig_k, cond_a, cond_b, sim)
     out["alpha"] = alpha
     if sim is not None:
@@ -264,7 +267,7 @@ def _plan(method, cfg, field, x, eps, sigmas, cond_a, cond_b, k, key, sim, final
     elif method in ("shooting", "multiple-shooting", "shooting-mpc"):
         opts = cfg.shooting
         H = resolve_horizon(opts.horizon, k, n)
-        prob = _Problem(field, sig, cond_a, cond_b, alpha, target, cfg.blend_mode)
+        prob = _Problem(field, sig, cond_a, cond_b, alpha, target, cfg.blend_mode, binary)
         run = _multiple if method == "multiple-shooting" else _single
         res = run(prob, x, init, k, H, opts)
         out["shooting"] = res
@@ -279,7 +282,8 @@ def _execute(method, cfg, field, plan, x, sigmas, cond_a, cond_b, k):
     n = sigmas.shape[0] - 1
     sig = sigmas.astype(x.dtype)
     alpha = plan["alpha"]
-    bf = BlendedField(field, cfg.blend_mode)
+    binary = _command(method, cfg) == "direct"
+    bf = BlendedField(field, cfg.blend_mode, binary)
     sched = BlendSchedule(cond_a, cond_b, alpha)
     diag: dict[str, Any] = {}
     fallback = jnp.bool_(False)
@@ -298,9 +302,8 @@ def _execute(method, cfg, field, plan, x, sigmas, cond_a, cond_b, k):
         nfe = blend_nfe(alpha, k, n, cfg.blend_mode)
         fallback = bad
     elif method == "mpc":
-        ctx = _Ctx(
-            field, sig, cond_a, cond_b, alpha, plan["target"], MPCPlan.empty(x, n), cfg.blend_mode
-        )
+        empty = MPCPlan.empty(x, n)
+        ctx = _Ctx(field, sig, cond_a, cond_b, alpha, plan["target"], empty, cfg.blend_mode, binary)
         res = _mpc_run(ctx, x, k, cfg.mpc)
         xf, nfe = res.x, res.nfe
         fallback = res.fallback_steps > 0
@@ -311,7 +314,7 @@ def _execute(method, cfg, field, plan, x, sigmas, cond_a, cond_b, k):
             control_rms=jnp.sqrt(jnp.mean(res.controls**2, axis=tuple(range(1, x.ndim + 1)))),
         )
     elif method == "shooting-mpc":
-        xf, nfe, d = _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k)
+        xf, nfe, d = _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary)
         fallback = d["fallback_steps"] > 0
         diag.update(d)
     else:  # pragma: no cover - guarded by switch()
@@ -319,7 +322,7 @@ def _execute(method, cfg, field, plan, x, sigmas, cond_a, cond_b, k):
     return xf, nfe, fallback, diag
 
 
-def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k):
+def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary):
     """MPC tracking the shooting plan, with error-triggered re-plans (one ``lax.scan``).
 
     MPC runs on the steps a plan covers and on the first ``mpc.control_steps`` steps after the
@@ -333,7 +336,7 @@ def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k):
     h_r = min(res0.horizon, n - k)  # re-plan horizon (static): re-plans only where it fits
     probes = num_probes(x.shape, opts.stride)
     window = n - k if opts.control_steps is None else opts.control_steps
-    bf = BlendedField(field, cfg.blend_mode)
+    bf = BlendedField(field, cfg.blend_mode, binary)
 
     def consistency(z, j):
         v_b = field(z, sig[j], cond_b).astype(z.dtype)
@@ -349,7 +352,7 @@ def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k):
         sig_w = jax.lax.dynamic_slice(sig, (j,), (h_r + 1,))
         alpha_w = jax.lax.dynamic_slice(alpha, (j,), (h_r,))
         init = jax.lax.dynamic_slice_in_dim(p.u, j, h_r)
-        prob = _Problem(field, sig_w, cond_a, cond_b, alpha_w, target, cfg.blend_mode)
+        prob = _Problem(field, sig_w, cond_a, cond_b, alpha_w, target, cfg.blend_mode, binary)
         r = _single(prob, z, init, 0, h_r, dataclasses.replace(sopts, horizon=h_r))
         idx = jnp.arange(n + 1)
         keep = idx <= j
@@ -374,7 +377,7 @@ def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k):
         p, r_nfe = jax.lax.cond(do, lambda: replan(z, j, p), lambda: (p, jnp.int32(0)))
         e0 = jnp.where(do, err, e0)
         extra = extra + r_nfe
-        ctx = _Ctx(field, sig, cond_a, cond_b, alpha, target, p, cfg.blend_mode)
+        ctx = _Ctx(field, sig, cond_a, cond_b, alpha, target, p, cfg.blend_mode, binary)
 
         def mpc_branch():
             warm = shift_warm_start(prev) if opts.warm_start else None
