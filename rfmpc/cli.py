@@ -1,4 +1,4 @@
-"""The ``rfmpc`` command line: ``demo | generate | switch | restore | convert | cache | bench``."""
+"""The ``rfmpc`` command line: ``demo | generate | switch | restore | convert | cache``."""
 
 from __future__ import annotations
 
@@ -148,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_convert)
     from rfmpc.cache.cli import add_cache_parser
+    from rfmpc.inverse.cli import add_restore_parser
+    from rfmpc.switch_cli import add_switch_parser
 
     add_cache_parser(sub)
+    add_switch_parser(sub)
+    add_restore_parser(sub)
     return p
 
 

@@ -252,3 +252,26 @@ def test_interrupted_save_keeps_old_file(setup, tmp_path, monkeypatch):
     assert p.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["s.safetensors"]  # no temp file left behind
     assert int(TrajectoryState.load(p).step) == 1
+
+
+def test_integrate_inside_jit_with_module_field(getkey):
+    """A pytree field whose arrays are traced (integrate called under an outer jit)."""
+    import equinox as eqx
+
+    class Lin(eqx.Module):
+        w: jax.Array
+
+        def __call__(self, x, sigma, cond):
+            return x @ self.w
+
+    sig = flowmatch_sigmas(3)
+    x = jax.random.normal(getkey(), (2, 3))
+
+    @jax.jit
+    def run(w, x):
+        return integrate(Lin(w), x, sig, start=0, stop=3).x
+
+    w = 0.1 * jax.random.normal(getkey(), (3, 3))
+    np.testing.assert_allclose(
+        np.asarray(run(w, x)), np.asarray(integrate(Lin(w), x, sig).x), rtol=1e-6, atol=1e-6
+    )

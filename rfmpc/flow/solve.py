@@ -109,7 +109,9 @@ def _make_control(control, start, stop, x):
 def _check_field(field, x, sigmas, cond, start):
     c = cond(sigmas[start], jnp.int32(start)) if callable(cond) else cond
     try:
-        out = jax.eval_shape(field, x, sigmas[start], c)
+        # a fresh closure: eval_shape keys its cache on the callable, and comparing an
+        # equinox-Module field holding tracers (called under an outer jit) would fail
+        out = jax.eval_shape(lambda x_, s_, c_: field(x_, s_, c_), x, sigmas[start], c)
     except Exception as e:  # surface the field's own error with context
         raise ValueError(f"the velocity field failed on x of shape {x.shape}: {e}") from e
     if not hasattr(out, "shape") or out.shape != x.shape:
