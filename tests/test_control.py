@@ -29,10 +29,12 @@ from rfmpc.control import (
 )
 from rfmpc.flow import (
     ConditionalGaussianMixture,
+    TrajectoryState,
     euler_reference,
     flowmatch_sigmas,
     init_state,
     integrate,
+    integrate_path,
 )
 
 
@@ -101,10 +103,10 @@ def test_blended_field_and_integration(getkey):
 def test_jacobian_blocks_exact_for_per_pixel_field(getkey):
     f = _pixel_field(getkey(), 4)
     x = jax.random.normal(getkey(), (2, 3, 3, 4))
-    v, jac = jacobian_blocks(lambda z: f(z, 0.4, 0.7), x)
+    v, jac = jax.jit(lambda x: jacobian_blocks(lambda z: f(z, 0.4, 0.7), x))(x)
     assert jac.shape == (2, 3, 3, 4, 4)
     np.testing.assert_allclose(np.asarray(v), np.asarray(f(x, 0.4, 0.7)), atol=1e-6)
-    per_pixel = jax.vmap(jax.jacfwd(lambda p: f(p, 0.4, 0.7)))(x.reshape(-1, 4))
+    per_pixel = jax.jit(jax.vmap(jax.jacfwd(lambda p: f(p, 0.4, 0.7))))(x.reshape(-1, 4))
     np.testing.assert_allclose(np.asarray(jac).reshape(-1, 4, 4), np.asarray(per_pixel), atol=1e-5)
 
 
@@ -120,11 +122,12 @@ def test_jacobian_blocks_strided_colouring_on_a_conv_field(getkey):
         return jnp.tanh(y)
 
     x = jax.random.normal(getkey(), (1, 6, 5, ch))
-    full = jax.jacfwd(f)(x).reshape(30, ch, 30, ch)  # (pixel_out, c_out, pixel_in, c_in)
+    full = jax.jit(jax.jacfwd(f))(x).reshape(30, ch, 30, ch)  # (pix_out, c_out, pix_in, c_in)
     own = full[jnp.arange(30), :, jnp.arange(30), :]
-    _, jac3 = jacobian_blocks(f, x, stride=3)
+    jac3, jac1 = jax.jit(
+        lambda x: (jacobian_blocks(f, x, stride=3)[1], jacobian_blocks(f, x, stride=1)[1])
+    )(x)
     np.testing.assert_allclose(np.asarray(jac3).reshape(30, ch, ch), np.asarray(own), atol=1e-5)
-    _, jac1 = jacobian_blocks(f, x, stride=1)
     lumped = jnp.sum(full, axis=2)
     np.testing.assert_allclose(np.asarray(jac1).reshape(30, ch, ch), np.asarray(lumped), atol=1e-5)
     assert not np.allclose(np.asarray(jac1), np.asarray(jac3), atol=1e-3)
@@ -208,15 +211,15 @@ def test_single_and_multiple_shooting_on_a_pixel_field(getkey):
     sig = flowmatch_sigmas(12)
     x = jax.random.normal(getkey(), (2, 2, 3))
     eps = jax.random.normal(getkey(), (2, 2, 3))
-    opts = ShootingOptions(horizon=6, max_iter=60, learning_rate=0.2, rtol=1e-6)
+    opts = ShootingOptions(horizon=4, max_iter=60, learning_rate=0.2, rtol=1e-6)
     mopts = ShootingOptions(
-        horizon=6,
+        horizon=4,
         max_iter=300,
         learning_rate=0.1,
         lr_final=1e-3,
         rtol=1e-12,
         patience=10,
-        num_segments=3,
+        num_segments=2,
         outer_iters=3,
         penalty=1000.0,
         penalty_growth=10.0,
@@ -233,15 +236,15 @@ def test_single_and_multiple_shooting_on_a_pixel_field(getkey):
     hist = np.asarray(cold.objective)
     assert float(cold.final_objective) < 0.5 * hist[0]  # the objective really decreases
     # the plan's path is the controlled rollout of its controls
-    rollout = integrate(f, x, sig, -0.5, control=cold.controls, start=4, stop=10).x
+    rollout = integrate(f, x, sig, -0.5, control=cold.controls, start=4, stop=8).x
     np.testing.assert_allclose(np.asarray(cold.path[-1]), np.asarray(rollout), atol=1e-5)
     # warm start: begins where the cold run ended
     assert float(warm.objective[0]) <= float(cold.final_objective) * (1 + 1e-5)
-    per_eval = 2 * 6  # 6 command steps + 6 consistency evaluations (direct switch)
+    per_eval = 2 * 4  # 4 command steps + 4 consistency evaluations (direct switch)
     assert int(cold.nfe) == 2 * int(cold.iterations) * per_eval
     # multiple shooting closes its continuity defects and reaches a comparable objective
     assert float(multi.defect) < 5e-3, float(multi.defect)
-    executed = integrate(f, x, sig, -0.5, control=multi.controls, start=4, stop=10).x
+    executed = integrate(f, x, sig, -0.5, control=multi.controls, start=4, stop=8).x
     assert float(jnp.max(jnp.abs(executed - multi.path[-1]))) < 2e-2
     j_multi = shooting_objective(f, x, sig, 4, 0.5, -0.5, eps, multi.controls, options=opts)
     assert float(j_multi) < 0.7 * hist[0]
@@ -257,6 +260,14 @@ def _gmm(means_a, shift, variances):
     k = means_a.shape[0]
     means = jnp.stack([means_a, means_a + jnp.asarray(shift)])
     return ConditionalGaussianMixture(jnp.ones((2, k)) / k, means, jnp.stack([cov, cov]))
+
+
+def _trajectory(gm, st0, cond):
+    """One solve of prompt ``cond``'s whole trajectory: ``(state_at(k), final latent)``."""
+    c = jnp.int32(cond)
+    _, xs = integrate_path(gm, st0.replace(cond=c))
+    state_at = lambda k: TrajectoryState(xs[k], k, st0.sigmas, key=st0.key, cond=c)
+    return state_at, xs[-1]
 
 
 @pytest.fixture(scope="module")
@@ -282,15 +293,15 @@ def gmm_runs():
     }
     out = {}
     for name, gm in fields.items():
-        ref = integrate(gm, st0.x, sig, jnp.int32(1)).x
+        state_a, _ = _trajectory(gm, st0, 0)
+        _, ref = _trajectory(gm, st0, 1)
         msd = lambda z, ref=ref: float(jnp.mean(jnp.sum((z - ref) ** 2, -1)))
         if name == "wide":
             runs = [(6, m) for m in ("direct", "reproject", "shooting", "mpc")]
         else:  # same shapes as "wide": the compiled switches are reused
             runs = [(6, "direct"), (6, "reproject"), (6, "mpc"), (13, "direct"), (13, "reproject")]
         for k, m in runs:
-            stk = integrate(gm, st0, stop=k)
-            r = switch(gm, stk, jnp.int32(1), method=m)
+            r = switch(gm, state_a(k), jnp.int32(1), method=m)
             out[name, k, m] = (msd(r.state.x), r)
         out[name, "field"] = gm
     out["state0"] = st0
@@ -338,7 +349,7 @@ def test_equal_nfe_and_sdedit_baselines(gmm_runs):
 def test_mpc_fallback_returns_the_blend_result(gmm_runs):
     """An iteration cap of 1 makes every QP 'not converged': the blend command runs, no NaN."""
     gm, st0 = gmm_runs["wide", "field"], gmm_runs["state0"]
-    stk = integrate(gm, st0, stop=6)
+    stk = _trajectory(gm, st0, 0)[0](6)
     opts = MPCOptions(control_steps=None, qp=QPOptions(maxiter=1))
     r = switch(gm, stk, jnp.int32(1), method="mpc", command="blend", transition_steps=3, mpc=opts)
     assert r.fallback and "did not converge" in r.fallback_reason
@@ -349,20 +360,21 @@ def test_mpc_fallback_returns_the_blend_result(gmm_runs):
 
 
 def test_batched_switch_equals_per_pair_loop(gmm_runs):
-    """vmap over three prompt pairs (A->B, B->A, A->A) equals switching each pair alone."""
+    """vmap over three prompt pairs (A->B, B->A, A->A) equals switching each pair alone (MPC:
+    a batched scan of per-step block QPs, each a vmapped BoxOSQP)."""
     gm, st0 = gmm_runs["wide", "field"], gmm_runs["state0"]
     pairs = [(0, 1), (1, 0), (0, 0)]
-    states = [integrate(gm, st0.replace(cond=jnp.int32(a)), stop=6) for a, _ in pairs]
+    states = [_trajectory(gm, st0, a)[0](6) for a, _ in pairs]
     conds_b = jnp.array([b for _, b in pairs], jnp.int32)
     batch = switch_batch(gm, stack_states(states), conds_b, method="mpc")
     for i, (st, (_, b)) in enumerate(zip(states, pairs)):
-        one = switch(gm, st, jnp.int32(b), method="mpc")
+        one = switch(gm, st, jnp.int32(b), method="mpc")  # compiled by the fixture
         np.testing.assert_allclose(np.asarray(batch.x[i]), np.asarray(one.state.x), atol=1e-5)
         assert int(batch.nfe[i]) == one.nfe
     # A -> A is not a no-op for MPC: on this curved flow A's own trajectory is not
     # noise-consistent either, so the reference pulls it off -- a bias floor, smaller than the
     # direct A -> B switch's error but not zero.
-    same = integrate(gm, st0, stop=N_STEPS).x
+    same = _trajectory(gm, st0, 0)[1]
     drift = float(jnp.mean(jnp.sum((batch.x[2] - same) ** 2, -1)))
     assert 1e-5 < drift < gmm_runs["wide", 6, "direct"][0]
 
