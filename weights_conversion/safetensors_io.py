@@ -207,6 +207,27 @@ def open_folder(folder: str | os.PathLike, stem: str) -> TensorSource:
     return TensorSource(SafetensorsFile(p) for p in find_weight_files(folder, stem))
 
 
+def release_pages(arr) -> None:
+    """Drop the file pages behind a memory-mapped tensor from this process (``MADV_DONTNEED``).
+
+    Called once a tensor has been copied into its device array: without it every page of the
+    checkpoint stays mapped and counted in the process's resident memory until the whole load
+    ends, so the peak would be two copies of the weights (the file's pages + the arrays)
+    instead of one. Harmless for non-mapped arrays and on systems without ``madvise``.
+    """
+    import mmap
+
+    base = arr
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    mm = getattr(base, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
 def _path_str(path) -> str:
     parts = []
     for p in path:
@@ -255,5 +276,6 @@ def load_into_model(
             )
         target = dtype if dtype is not None else current.dtype
         var.set_value(jnp.asarray(np.asarray(arr), dtype=target))
+        release_pages(arr)
     nnx.update(model, nnx.from_flat_state(flat))
     return model
