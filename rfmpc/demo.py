@@ -81,10 +81,7 @@ def run_demo(out: Path, *, steps: int = 28, seed: int = 0, progress: bool = True
 
 
 def _demo_switch(pipe, out: Path, steps: int, seed: int) -> dict:
-    try:
-        from rfmpc.control import switch
-    except ImportError as e:  # the controllers are optional at this stage of the build
-        return {"skipped": f"controllers unavailable ({e})"}
+    from rfmpc.control import switch
     from rfmpc.viz import save_grid
 
     t0 = time.perf_counter()
@@ -119,21 +116,16 @@ def _demo_switch(pipe, out: Path, steps: int, seed: int) -> dict:
 
 
 def _demo_restore(pipe, out: Path, seed: int) -> dict:
-    try:
-        from rfmpc.inverse.cli import restore_image
-    except ImportError as e:
-        return {"skipped": f"inverse solvers unavailable ({e})"}
-    t0 = time.perf_counter()
-    rec = restore_image(
-        pipe,
+    from rfmpc.inverse.cli import prior_from_pipeline, restore
+
+    rec = restore(
+        prior_from_pipeline(pipe),
         task="inpaint-box",
         method="mpc-k1",
         prompt="a yellow square at the center on a purple background",
-        noise=0.05,
         seed=seed,
-        out_png=out / "restore.png",
+        out=str(out / "restore.png"),
     )
-    rec["seconds"] = time.perf_counter() - t0
     return rec
 
 

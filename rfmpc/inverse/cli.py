@@ -202,6 +202,42 @@ def _save_strip(path: str, panels, scale: int = 4) -> None:
 
 
 def cmd_restore(args) -> int:
+    out = restore(
+        provide_prior(args.prior),
+        task=args.task,
+        method=args.method,
+        image=args.image,
+        prompt=args.prompt,
+        noise=args.noise,
+        seed=args.seed,
+        out=args.out,
+    )
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def restore(
+    prior: Prior,
+    *,
+    task: str,
+    method: str,
+    image: str | None = None,
+    prompt: str | None = None,
+    noise: float | None = None,
+    seed: int = 0,
+    out: str | None = None,
+) -> dict:
+    """Restore one image (a PNG, a rendered prompt, or a held-out scene) and score it.
+
+    Returns the CLI's JSON record (task, method, psnr_db, ssim, wall_s, nfe, peak_mem_bytes,
+    ...); writes a (measurement, estimate, truth) strip to ``out`` if given.
+    """
+    import types
+
     import jax
 
     from rfmpc.inverse.metrics import peak_memory, psnr, ssim, to_unit
@@ -209,9 +245,11 @@ def cmd_restore(args) -> int:
     from rfmpc.inverse.priors import heldout_images, render_prompt
     from rfmpc.inverse.registry import make_solver
 
+    args = types.SimpleNamespace(
+        task=task, method=method, image=image, prompt=prompt, noise=noise, seed=seed, out=out
+    )
     if args.noise is not None and not args.noise > 0:
         raise ValueError(f"--noise must be > 0, got {args.noise}")
-    prior = provide_prior(args.prior)
     h = prior.image_shape[0]
     if args.image:
         truth, source = jax.numpy.asarray(_load_png(args.image, prior.image_shape)), args.image
@@ -260,13 +298,8 @@ def cmd_restore(args) -> int:
     if args.out:
         disp = to_unit(op.display(y))[0]
         _save_strip(args.out, [disp, est[0], ref[0]])
-        out["out"] = args.out
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k}: {v}")
-    return 0
+        out["out"] = str(args.out)
+    return out
 
 
 def add_restore_parser(subparsers) -> argparse.ArgumentParser:
