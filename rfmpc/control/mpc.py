@@ -77,6 +77,8 @@ class MPCOptions:
         stride: probe colouring stride ``s``; 1 = ``C`` probes (sums each pixel's neighbourhood
             coupling), ``s > 1`` = ``C s^d`` probes over the ``d`` spatial axes (exact own block for
             fields whose receptive field is narrower than ``s``).
+        batch_probes: JVP probes as one vmapped batch (accelerators) or sequential (default);
+            see :func:`jacobian_blocks`.
         qp: :class:`QPOptions` for BoxOSQP.
         warm_start: shift the previous QP solution as the next initial point.
         control_steps: run MPC on the first ``control_steps`` steps after the switch only, then
@@ -92,6 +94,7 @@ class MPCOptions:
     smoothness_weight: float = 1e-3
     u_max: float = 5.0
     stride: int = 1
+    batch_probes: bool = False
     qp: QPOptions = dataclasses.field(default_factory=QPOptions)
     warm_start: bool = True
     control_steps: int | None = 3
@@ -124,7 +127,11 @@ def num_probes(shape: tuple[int, ...], stride: int = 1) -> int:
 
 
 def jacobian_blocks(
-    f: Callable[[Array], Array], x: Float[Array, "... c"], *, stride: int = 1
+    f: Callable[[Array], Array],
+    x: Float[Array, "... c"],
+    *,
+    stride: int = 1,
+    batch_probes: bool = False,
 ) -> tuple[Float[Array, "... c"], Float[Array, "... c c"]]:
     """Value and per-pixel ``C x C`` Jacobian blocks of ``f`` at ``x`` from JVP probes.
 
@@ -138,6 +145,11 @@ def jacobian_blocks(
     and each pixel reads its block from its own colour's probe -- exact whenever ``v_p`` depends
     on no other pixel of the same colour, i.e. a receptive field narrower than ``s`` (``C s^d``
     probes).
+
+    The probes reuse one ``jax.linearize``; ``batch_probes=True`` pushes them through the
+    linearised model as one ``vmap`` batch (what an accelerator wants), ``False`` one after the
+    other with ``lax.map`` (less memory; on CPU the batched JVP of the exact GMM field, whose
+    triangular solves batch badly, was ~500x slower than sequential probes).
 
     Returns:
         ``(f(x), J)`` with ``J[..., i, j] = d f_i / d x_j`` per pixel, shape ``(*x.shape, C)``.
@@ -158,7 +170,8 @@ def jacobian_blocks(
         x.dtype
     )  # (ncol, *pix)
     tangents = masks[:, None, ..., None] * eye.reshape((1, ch) + (1,) * len(pix_shape) + (ch,))
-    outs = jax.vmap(lin)(tangents.reshape((ncol * ch, *x.shape)))
+    tangents = tangents.reshape((ncol * ch, *x.shape))
+    outs = jax.vmap(lin)(tangents) if batch_probes else jax.lax.map(lin, tangents)
     outs = outs.reshape((ncol, ch, -1, ch))  # (colour, c_in, pixel, c_out)
     col = colour.reshape(-1)
     pix = jnp.arange(col.shape[0])
@@ -239,7 +252,7 @@ class _Ctx(eqx.Module):
     binary: bool = eqx.field(static=True, default=False)
 
 
-def _linearise_command(ctx: _Ctx, x, s_j, a, stride: int):
+def _linearise_command(ctx: _Ctx, x, s_j, a, stride: int, batch: bool = False):
     """``(v_cmd(x), J_cmd blocks, v_B(x))`` with the branch chosen *outside* the linearisation.
 
     (Linearising through :class:`BlendedField`'s ``lax.cond`` is correct but needlessly slow.)
@@ -249,17 +262,17 @@ def _linearise_command(ctx: _Ctx, x, s_j, a, stride: int):
 
     def single():
         c = jax.tree.map(lambda p, q: jnp.where(a >= 1, q, p), ctx.cond_a, ctx.cond_b)
-        v, jac = jacobian_blocks(f(c), x, stride=stride)
+        v, jac = jacobian_blocks(f(c), x, stride=stride, batch_probes=batch)
         v_b = jax.lax.cond(a >= 1, lambda: v, lambda: f(ctx.cond_b)(x))
         return v, jac, v_b
 
     def both():
         if ctx.mode == "cond":
             c = jax.tree.map(lambda p, q: (1 - a) * p + a * q, ctx.cond_a, ctx.cond_b)
-            v, jac = jacobian_blocks(f(c), x, stride=stride)
+            v, jac = jacobian_blocks(f(c), x, stride=stride, batch_probes=batch)
             return v, jac, f(ctx.cond_b)(x)
-        v_a, j_a = jacobian_blocks(f(ctx.cond_a), x, stride=stride)
-        v_b, j_b = jacobian_blocks(f(ctx.cond_b), x, stride=stride)
+        v_a, j_a = jacobian_blocks(f(ctx.cond_a), x, stride=stride, batch_probes=batch)
+        v_b, j_b = jacobian_blocks(f(ctx.cond_b), x, stride=stride, batch_probes=batch)
         return (1 - a) * v_a + a * v_b, (1 - a) * j_a + a * j_b, v_b
 
     if ctx.binary:
@@ -275,7 +288,7 @@ def _mpc_step(ctx: _Ctx, opts: MPCOptions, j, x, u_prev, warm: QPResult | None):
     a = ctx.alpha[j]
     sig = jnp.concatenate([ctx.sigmas.astype(dtype), jnp.zeros((n_p,), dtype)])
     s_j = sig[j]
-    v_bar, jac, v_b = _linearise_command(ctx, x, s_j, a, opts.stride)
+    v_bar, jac, v_b = _linearise_command(ctx, x, s_j, a, opts.stride, opts.batch_probes)
     x0_hat = x - s_j * v_b
     consistency = jnp.mean((x + (1 - s_j) * v_b - ctx.target) ** 2)
     idx = j + jnp.arange(n_p)

@@ -510,9 +510,15 @@ def _multiple(prob, x, init, start, H, opts):
     u0 = jnp.zeros((H, *x.shape), x.dtype) if init is None else jnp.asarray(init, x.dtype)
     xs0 = _rollout(prob, x, u0, start)
     s0 = jnp.stack([xs0[b - start] for b in bounds[1:-1]]) if nseg > 1 else None
+    # segment states are optimised as s = s0 + scale * delta with scale = the mean |step|, so
+    # one optimiser step moves a state as much as a control step does (Adam's steps have the
+    # size of the learning rate in parameter units)
+    hs = prob.sigmas[start + 1 : start + H + 1] - prob.sigmas[start : start + H]
+    scale = jnp.mean(jnp.abs(hs)).astype(x.dtype)
 
     def segments(params):
-        u, s = params
+        u, delta = params
+        s = None if delta is None else s0 + scale * delta
         states, defects = [], []
         for j in range(nseg):
             a, b = bounds[j], bounds[j + 1]
@@ -549,7 +555,8 @@ def _multiple(prob, x, init, start, H, opts):
         return carry, (hist, xs_next, d)
 
     mu0 = jnp.zeros((max(nseg - 1, 0), *x.shape), x.dtype)
-    init_c = ((u0, s0), mu0, jnp.asarray(opts.penalty, x.dtype), jnp.int32(0), jnp.int32(0))
+    d0 = None if s0 is None else jnp.zeros_like(s0)
+    init_c = ((u0, d0), mu0, jnp.asarray(opts.penalty, x.dtype), jnp.int32(0), jnp.int32(0))
     (params, _, _, its, status), (hists, xs_all, d_all) = jax.lax.scan(
         outer_step, init_c, None, length=outer
     )
