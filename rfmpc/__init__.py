@@ -6,3 +6,14 @@ latents/images are NHWC.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Pipeline", "load_pipeline"]
+
+
+def __getattr__(name: str):
+    # lazy: `import rfmpc` stays cheap; `rfmpc.load_pipeline` imports the pipeline on first use
+    if name in ("load_pipeline", "Pipeline"):
+        from rfmpc import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'rfmpc' has no attribute {name!r}")

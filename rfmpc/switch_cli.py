@@ -72,23 +72,26 @@ def run_switch(
     shape = pipe.latent_shape(1, None, None)
     from_cache = False
     state_a = None
+    chash = pipe.config_hash(shape, steps)
     if cache_dir is not None:
-        store = DiskCacheStore(cache_dir)
-        chash = pipe.config_hash(shape, steps)
-        hit = store.nearest(pooled[1].astype(np.float32), model_id=pipe.model_id, config_hash=chash)
+        with DiskCacheStore(cache_dir) as store:
+            hit = store.nearest(
+                pooled[1].astype(np.float32), model_id=pipe.model_id, config_hash=chash
+            )
         if hit is not None and hit[0].prompt == prompt_a and at in hit[0].states:
             state_a, from_cache = hit[0].states[at], True
     ra = pipe(prompt_a, num_inference_steps=steps, guidance_scale=g, key=key, return_states=(at,))
     if state_a is None:
         state_a = ra.states[at]
         if cache_dir is not None:
-            store.put(
-                prompt_a,
-                pooled[0].astype(np.float32),
-                {at: state_a},
-                model_id=pipe.model_id,
-                config_hash=pipe.config_hash(shape, steps),
-            )
+            with DiskCacheStore(cache_dir) as store:
+                store.put(
+                    prompt_a,
+                    pooled[0].astype(np.float32),
+                    {at: state_a},
+                    model_id=pipe.model_id,
+                    config_hash=chash,
+                )
     cond_b = pipe.encode_prompt(prompt_b)
 
     def scratch():

@@ -40,24 +40,24 @@ __all__ = ["TrainConfig", "embedded_mmdit_config", "load_checkpoint", "train"]
 class TrainConfig:
     """Hyper-parameters of the embedded-model recipe (defaults: the shipped model's)."""
 
-    steps: int = 6000
-    batch_size: int = 64
+    steps: int = 5000
+    batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 200
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.998
     sigma_sampling: str = "logit-normal"  # or "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     cond_dropout: float = 0.1
     two_object_fraction: float = 0.5
     resolution: int = 32
-    checkpoint_every: int = 250
-    log_every: int = 25
+    checkpoint_every: int = 100
+    log_every: int = 20
     seed: int = 0
     # architecture
-    num_layers: int = 6
+    num_layers: int = 4
     num_heads: int = 4
     head_dim: int = 32
     patch_size: int = 4
