@@ -243,9 +243,9 @@ def test_single_and_multiple_shooting_on_a_pixel_field(getkey):
     per_eval = 2 * 4  # 4 command steps + 4 consistency evaluations (direct switch)
     assert int(cold.nfe) == 2 * int(cold.iterations) * per_eval
     # multiple shooting closes its continuity defects and reaches a comparable objective
-    assert float(multi.defect) < 5e-3, float(multi.defect)
+    assert float(multi.defect) < 1e-3, float(multi.defect)
     executed = integrate(f, x, sig, -0.5, control=multi.controls, start=4, stop=8).x
-    assert float(jnp.max(jnp.abs(executed - multi.path[-1]))) < 2e-2
+    assert float(jnp.max(jnp.abs(executed - multi.path[-1]))) < 5e-3
     j_multi = shooting_objective(f, x, sig, 4, 0.5, -0.5, eps, multi.controls, options=opts)
     assert float(j_multi) < 0.7 * hist[0]
 
