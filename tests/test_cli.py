@@ -51,7 +51,7 @@ def test_switch_contract_and_cache(tmp_path, capsys):
         "--to",
         "a red circle at the top left on a green background",
         "--at",
-        "6",
+        "3",
         "--steps",
         "12",
         "--seed",
