@@ -394,6 +394,8 @@ def test_bad_input(getkey):
         switch(f, st, -0.5, method="direct", horizon=3)
     with pytest.raises(ValueError, match="already finished"):
         switch(f, integrate(f, st), -0.5, method="direct")
+    with pytest.raises(ValueError, match="needs prompt A's conditioning"):
+        switch(f, st.replace(cond=None), -0.5, method="mpc")
     with pytest.raises(ValueError, match="noise_target"):
         switch(f, st, -0.5, method="reproject", noise_target="fresh")
     assert set(METHODS) >= {"direct", "mpc", "shooting-mpc", "sdedit"}

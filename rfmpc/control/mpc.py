@@ -1,6 +1,7 @@
 """Receding-horizon MPC for a prompt switch: ``jax.jvp`` linearisation + batched block QPs.
 
-At each remaining grid step ``j`` (state ``x_j``, noise level ``sigma_j``) the controller
+At each of the first ``control_steps`` grid steps after the switch (default 3; ``None``: every
+remaining step) the controller, at step ``j`` (state ``x_j``, noise level ``sigma_j``),
 
 1. **linearises** the command field ``v_cmd(x) = v(x, sigma_j, blend(cond_a, cond_b, alpha_j))``
    around ``x_j`` with ``jax.linearize``: the value ``v_bar`` and a *block-diagonal* Jacobian
@@ -25,7 +26,13 @@ At each remaining grid step ``j`` (state ``x_j``, noise level ``sigma_j``) the c
    blend command -- and the step is counted in ``fallback_steps``.
 
 The linear model holds the Jacobian and ``v_bar`` fixed over the horizon (a local model, as in
-real-time iteration NMPC; Diehl et al. 2005); only the first control is ever applied.
+real-time iteration NMPC; Diehl et al. 2005); only the first control is ever applied. After the
+control window the command runs unchanged.
+
+What it optimises, honestly: closeness to the *noise-consistent* straight path, not to B's true
+trajectory (unknown). On a curved flow B's own trajectory drifts off that path as sigma falls,
+so MPC helps right after the switch and hurts if kept on to the end (measured on the exact GMM:
+``benchmarks/switch_quality.py``); even an A -> A "switch" is moved off A's own trajectory.
 
 NFE per MPC step (analytic): ``b (1 + n_probes) + [alpha < 1]`` where ``b`` is the number of model
 calls of the command (2 on velocity-blended steps, else 1), ``n_probes = C`` (or ``C s^d`` with

@@ -21,7 +21,8 @@ what each method does to get there (and what it costs):
                        given (A's final latent cached too).
 ``shooting``           single shooting plan over ``shooting.horizon`` steps, then B.
 ``multiple-shooting``  multiple shooting plan (continuity defect reported), then B.
-``mpc``                receding-horizon MPC every step (:mod:`rfmpc.control.mpc`).
+``mpc``                receding-horizon MPC on the first ``mpc.control_steps`` steps (default 3),
+                       then B (:mod:`rfmpc.control.mpc`).
 ``shooting-mpc``       the write-up's combined algorithm: a shooting plan at the switch, MPC
                        tracking it (plan states as reference, plan controls as feed-forward),
                        and a re-plan (warm-started from the old plan) when the error grows,
@@ -41,6 +42,12 @@ cached state ``eps_hat_A = x_k + (1 - sigma_k) v_A(x_k)`` (``"a-implied"``, one 
 a curved flow ``eps_hat`` drifts from ``eps`` as sigma falls (it is ``E[eps | x]``), and for
 similar prompts A's drift approximates B's, so matching A's implied noise removes the shared
 bias. Which target is better is an empirical question; ``benchmarks/switch_quality.py`` measures.
+On the exact GMM (N = 28, switches at k = 7 and 14, mean shifts 0.1 - 1) ``"a-implied"`` beat
+``"seed"`` in most settings but lost when the prompts were dissimilar (velocity cosine ~0.6)
+at the later switch; ``reproject`` with it beat the direct switch in every setting, while the
+gradient methods (shooting, multiple shooting, shooting-mpc) cost ~15x the NFE of finishing
+from scratch for no better quality. The default stays ``"seed"`` (the principled target); read
+the benchmark before choosing.
 
 The control methods (shooting, MPC) steer a *command* velocity chosen by ``command``
 (``"direct"``: pure B; ``"blend"``/``"adaptive"``: the blends above).
@@ -518,6 +525,11 @@ def switch(
     n = state_a.num_steps
     if k >= n:
         raise ValueError(f"state_a is at step {k} of {n}: the trajectory is already finished")
+    if state_a.cond is None and method != "direct":
+        raise ValueError(
+            f"state_a.cond is None, but method {method!r} needs prompt A's conditioning: store "
+            "it in the cached state (TrajectoryState(..., cond=cond_a))"
+        )
     eps = _noise_for(state_a, noise)
     if method == "sdedit" and key is None:
         if state_a.key is None:
