@@ -54,7 +54,7 @@ def run_task(prior, task, methods, truth, noise, seed):
             y,
             noise,
             k_solve,
-            cond=prior.cond,
+            cond=prior.cond_for(truth.shape[0]),
             decode=prior.decode,
             shape=None if prior.decode is None else (truth.shape[0], *prior.latent_shape),
         )

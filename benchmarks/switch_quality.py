@@ -45,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rfmpc.control import from_scratch_equal_nfe, switch, velocity_similarity
 from rfmpc.flow import (
@@ -142,12 +143,89 @@ class GMMProvider(FieldProvider):
                 )
 
 
-PROVIDERS: dict[str, Callable[..., FieldProvider]] = {"gmm": GMMProvider}
+BANDS = (
+    (0.95, 1.01, ">0.95"),
+    (0.90, 0.95, "0.90-0.95"),
+    (0.85, 0.90, "0.85-0.90"),
+    (-1.0, 0.85, "<0.85"),
+)
+
+
+class EmbeddedProvider(FieldProvider):
+    """The embedded default model: prompt pairs in pooled-similarity bands (the cache's metric).
+
+    Pairs are drawn from the procedural grammar (an anchor scene and a mutation of one or more
+    attributes), binned by the cosine similarity of the text encoder's pooled embeddings into
+    the bands >0.95, 0.90-0.95, 0.85-0.90 and <0.85, ``per_band`` pairs each. A state holds
+    ``samples`` images (seeds) of the same prompt. The field is the CFG-guided model (guidance
+    as the pipeline's default), so conditions are ``(cond, uncond)`` pairs. Quality is also
+    reported as PSNR / SSIM of the decoded images against B from scratch (same seeds).
+    """
+
+    name = "embedded"
+
+    def __init__(self, samples: int = 4, per_band: int = 2, seed: int = 0):
+        from rfmpc.data.grammar import sample_scene, to_prompt
+        from rfmpc.data.scene import DEFAULT_SHAPES
+        from rfmpc.data.train_text import mutate_scene
+        from rfmpc.pipeline import load_pipeline
+
+        self.pipe = load_pipeline(None)
+        self.field = self.pipe.guided_field(self.pipe.default_guidance)
+        self.shift = self.pipe.shift
+        self.samples = samples
+        self._k_noise = jax.random.key(seed)
+        rng = np.random.default_rng(seed)
+        found: dict[str, list] = {b[2]: [] for b in BANDS}
+        for _ in range(4000):
+            if all(len(v) >= per_band for v in found.values()):
+                break
+            a = sample_scene(rng, n_objects=int(rng.integers(1, 3)))
+            b = mutate_scene(a, rng, int(rng.integers(1, 4)), shapes=DEFAULT_SHAPES)
+            pa, pb = to_prompt(a), to_prompt(b)
+            pooled = np.asarray(self.pipe.text_encoder.pooled([pa, pb]), np.float64)
+            sim = float(pooled[0] @ pooled[1] / np.prod(np.linalg.norm(pooled, axis=1)))
+            for lo, hi, name in BANDS:
+                if lo <= sim < hi and len(found[name]) < per_band:
+                    found[name].append((pa, pb, sim))
+        self._pairs = found
+
+    def noise(self) -> jax.Array:
+        shape = self.pipe.latent_shape(self.samples, None, None)
+        return jax.random.normal(self._k_noise, shape)
+
+    def _cond(self, prompt: str):
+        c, u = self.pipe.encode_prompt([prompt] * self.samples)
+        return (c, u)
+
+    def decode(self, x):
+        return self.pipe.decode(x)
+
+    def pairs(self) -> Iterator[Pair]:
+        for band, items in self._pairs.items():
+            for i, (pa, pb, sim) in enumerate(items):
+                yield Pair(f"sim {band} #{i}", band, round(sim, 3), self._cond(pa), self._cond(pb))
+
+
+PROVIDERS: dict[str, Callable[..., FieldProvider]] = {
+    "gmm": GMMProvider,
+    "embedded": EmbeddedProvider,
+}
 
 
 # ----------------------------------------------------------------------------- measurement
 def _rmse(x, ref) -> float:
     return float(jnp.sqrt(jnp.mean(jnp.sum((x - ref) ** 2, axis=-1))))
+
+
+def _image_scores(provider, x, ref) -> dict:
+    """PSNR (dB) and SSIM of decoded images vs the decoded reference (providers with decode)."""
+    if not hasattr(provider, "decode"):
+        return {}
+    from rfmpc.inverse.metrics import psnr, ssim
+
+    a, b = provider.decode(x), provider.decode(ref)
+    return {"psnr_db": float(jnp.mean(psnr(a, b))), "ssim": float(jnp.mean(ssim(a, b)))}
 
 
 def _timed(fn):
@@ -209,6 +287,7 @@ def run(provider: FieldProvider, num_steps: int, ks: list[int]) -> list[dict]:
             rows.append(
                 dict(
                     base,
+                    **_image_scores(provider, x_eq, ref),
                     method="equal-NFE (N-k steps)",
                     rmse=_rmse(x_eq, ref),
                     nfe=n - k,
@@ -226,6 +305,7 @@ def run(provider: FieldProvider, num_steps: int, ks: list[int]) -> list[dict]:
                 rows.append(
                     dict(
                         base,
+                        **_image_scores(provider, res.state.x, ref),
                         method=label,
                         rmse=_rmse(res.state.x, ref),
                         nfe=res.nfe,
@@ -273,6 +353,24 @@ def markdown(rows: list[dict], header: str) -> str:
             txt = f"{r['rmse']:.4f}" if r else "-"
             cells.append(f"**{txt}**" if r and r["rmse"] == best else txt)
         out.append(f"| {m} | " + " | ".join(cells) + " |")
+    if all("psnr_db" in r for r in rows if not r["method"].startswith("no-switch")):
+        out += [
+            "",
+            "### PSNR dB / SSIM of decoded images vs B from scratch (same seeds); higher is better",
+            "",
+        ]
+        out.append("| method | " + " | ".join(f"{f} ({d}) k={k}" for f, d, k in cols) + " |")
+        out.append("|---|" + "---|" * len(cols))
+        for m in methods:
+            if m.startswith("no-switch"):
+                continue
+            cells = [
+                f"{get[m, f, d, k]['psnr_db']:.1f} / {get[m, f, d, k]['ssim']:.3f}"
+                if (m, f, d, k) in get
+                else "-"
+                for f, d, k in cols
+            ]
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
     out += ["", "### Cost (NFE, speedup = N / NFE; times: median over pairs, compiled, CPU)", ""]
     out.append(
         "| method | "
@@ -348,6 +446,8 @@ def main(argv=None) -> int:
     if any(not 0 < k < args.steps for k in ks):
         ap.error(f"every k must lie in (0, {args.steps})")
     provider = PROVIDERS[args.provider](samples=args.samples)
+    if args.provider == "embedded" and args.samples > 16:
+        ap.error("--samples is the number of seeds per state for the embedded model (<= 16)")
     dev = jax.devices()[0]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
