@@ -122,7 +122,8 @@ def _demo_restore(pipe, out: Path, seed: int) -> dict:
         prior_from_pipeline(pipe),
         task="inpaint-box",
         method="mpc-k1",
-        prompt="a yellow square at the center on a purple background",
+        prompt="a yellow square at the top left and a white circle at the bottom right on a "
+        "purple background",
         seed=seed,
         out=str(out / "restore.png"),
     )
