@@ -149,6 +149,21 @@ def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint):
     return sol.ys
 
 
+def _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, save_path):
+    """Shared body of :func:`integrate` / :func:`integrate_path`: ``(final_state, xs | None)``."""
+    x, sig, cond, start, stop, key, meta = _resolve(state_or_x, sigmas, cond, start, stop, key)
+    ctrl = _make_control(control, start, stop, x)
+    state_cond = cond if not callable(cond) else getattr(state_or_x, "cond", None)
+    if stop == start:
+        st = TrajectoryState(x=x, step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
+        return st, x[None]
+    _check_field(field, x, sig, cond, start)
+    adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
+    ys = _solve(field, x, sig, cond, ctrl, start, stop, save_path, adjoint)
+    st = TrajectoryState(x=ys[-1], step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
+    return st, ys
+
+
 def integrate(
     field: Callable[[Array, Array, Any], Array],
     state_or_x: TrajectoryState | Array,
@@ -180,15 +195,7 @@ def integrate(
         The :class:`TrajectoryState` at step ``stop`` (if ``cond`` was a schedule, the returned
         state keeps the input state's cond).
     """
-    x, sig, cond, start, stop, key, meta = _resolve(state_or_x, sigmas, cond, start, stop, key)
-    ctrl = _make_control(control, start, stop, x)
-    state_cond = cond if not callable(cond) else getattr(state_or_x, "cond", None)
-    if stop == start:
-        return TrajectoryState(x=x, step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
-    _check_field(field, x, sig, cond, start)
-    adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
-    ys = _solve(field, x, sig, cond, ctrl, start, stop, False, adjoint)
-    return TrajectoryState(x=ys[-1], step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
+    return _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, False)[0]
 
 
 def integrate_path(
@@ -210,17 +217,7 @@ def integrate_path(
         ``xs[j]`` is the latent at step ``start + j`` (``xs[-1]`` is bit-identical to the final
         state's ``x``).
     """
-    x, sig, cond, start, stop, key, meta = _resolve(state_or_x, sigmas, cond, start, stop, key)
-    ctrl = _make_control(control, start, stop, x)
-    state_cond = cond if not callable(cond) else getattr(state_or_x, "cond", None)
-    if stop == start:
-        st = TrajectoryState(x=x, step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
-        return st, x[None]
-    _check_field(field, x, sig, cond, start)
-    adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
-    ys = _solve(field, x, sig, cond, ctrl, start, stop, True, adjoint)
-    st = TrajectoryState(x=ys[-1], step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
-    return st, ys
+    return _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, True)
 
 
 def euler_reference(
