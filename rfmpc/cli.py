@@ -38,6 +38,11 @@ def cmd_demo(args) -> int:
 def cmd_generate(args) -> int:
     import time
 
+    if args.out and Path(args.out).suffix.lower() != ".png":
+        raise ValueError(
+            f"--out {args.out}: the grid is written as a PNG; give a path ending in .png"
+        )
+
     import numpy as np
 
     from rfmpc.pipeline import load_pipeline

@@ -140,6 +140,10 @@ def convert_folder(
         raise ConversionError(f"{dst} already exists; pass --overwrite to replace it")
     if dst.resolve() == src.resolve():
         raise ConversionError("the output folder must differ from the source folder")
+    if src.resolve() in dst.resolve().parents:
+        raise ConversionError(
+            f"the output folder {dst} is inside the source folder {src}; pick a folder outside it"
+        )
     say = log or (lambda *_: None)
     tmp = dst.with_name(dst.name + ".converting")
     if tmp.exists():
@@ -152,7 +156,13 @@ def convert_folder(
             say(f"converting transformer {src}")
             _save(_load_diffusers(src, "mmdit", dtype), tmp, "mmdit", cfg)
         else:
-            index = json.loads(index_path.read_text())
+            try:
+                index = json.loads(index_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConversionError(
+                    f"{index_path} is not valid JSON ({e}); restore it from the original "
+                    "download (diffusers' save_pretrained writes it)"
+                ) from e
             if index.get("_class_name") != "StableDiffusion3Pipeline":
                 raise ConversionError(
                     f"{index_path} describes {index.get('_class_name')!r}; only "

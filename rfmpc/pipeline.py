@@ -281,7 +281,16 @@ class Pipeline:
         return flowmatch_sigmas(num_steps, self.shift, mu=self.mu)
 
     def latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple:
-        h, w = height or self.default_size[0], width or self.default_size[1]
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise TypeError(f"{name} must be an int number of pixels or None, got {v!r}")
+            if v is not None and v < 1:
+                raise ValueError(
+                    f"{name} must be a positive number of pixels, got {v}; pass None for the "
+                    f"model's default {self.default_size}"
+                )
+        h = self.default_size[0] if height is None else int(height)
+        w = self.default_size[1] if width is None else int(width)
         f = self.codec.downscale * self.transformer.config.patch_size
         if h % f or w % f:
             raise ValueError(
@@ -369,7 +378,14 @@ class Pipeline:
             if key is None:
                 if seed is None:
                     raise ValueError("give seed=, key= or latents= (randomness is explicit)")
+                if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+                    raise TypeError(f"seed must be an int, got {seed!r}")
                 key = jax.random.key(int(seed))
+            elif not isinstance(key, jax.Array):
+                raise TypeError(
+                    f"key must be a jax PRNG key array, got {type(key).__name__}; pass "
+                    "key=jax.random.key(seed) or seed=<int>"
+                )
             latents = jax.random.normal(key, shape, jnp.float32)
         else:
             latents = jnp.asarray(latents)
@@ -378,8 +394,16 @@ class Pipeline:
                     f"latents must have shape {shape} (NHWC) for {len(prompts)} prompt(s) at this "
                     f"size, got {latents.shape}"
                 )
+            if not jnp.issubdtype(latents.dtype, jnp.floating):
+                raise TypeError(
+                    f"latents must be floating-point noise, got dtype {latents.dtype}; pass "
+                    "jax.random.normal(key, shape) or latents.astype(jnp.float32)"
+                )
             if not bool(jnp.all(jnp.isfinite(latents))):
-                raise ValueError("latents contain NaN or inf")
+                raise ValueError(
+                    "latents contain NaN or inf; pass finite noise, e.g. "
+                    "jax.random.normal(key, shape)"
+                )
         ks = sorted({int(k) for k in return_states})
         if any(k < 0 or k > steps for k in ks):
             raise ValueError(f"return_states must be steps in [0, {steps}], got {list(ks)}")
@@ -427,7 +451,9 @@ def _as_list(prompt, name: str) -> list[str]:
     if isinstance(prompt, str):
         return [prompt]
     if not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt):
-        raise TypeError(f"{name} must be a string or a list of strings")
+        raise TypeError(
+            f"{name} must be a string or a list of strings, got {type(prompt).__name__}"
+        )
     if len(prompt) == 0:
         raise ValueError(f"{name} is an empty list; give at least one prompt")
     return list(prompt)
@@ -448,7 +474,9 @@ def _read_json(path: Path) -> dict:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path} is missing") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise ValueError(
+            f"{path} is not valid JSON: {e}; restore it from the original download"
+        ) from e
 
 
 def _load_embedded(folder: Path, dtype) -> Pipeline:
@@ -545,7 +573,10 @@ def load_pipeline(folder: str | os.PathLike | None = None, *, dtype=jnp.float32)
         return _load_embedded(EMBEDDED_DIR, dtype)
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such model folder")
+        raise FileNotFoundError(
+            f"{folder}: no such model folder; pass a local diffusers StableDiffusion3Pipeline "
+            "folder, or None for the embedded model"
+        )
     index = _read_json(folder / "model_index.json")
     cls = index.get("_class_name", "")
     if cls == "RfmpcEmbedded":

@@ -118,7 +118,9 @@ def read_diffusers_config(folder: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightLoadError(f"{path}: not valid JSON ({e})") from e
+        raise WeightLoadError(
+            f"{path}: not valid JSON ({e}); restore the config.json saved with these weights"
+        ) from e
 
 
 def load_diffusers_mmdit(

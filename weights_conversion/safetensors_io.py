@@ -30,6 +30,8 @@ _DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 
+_FLOAT_DTYPES = frozenset(_DTYPES[k] for k in ("F64", "F32", "F16", "BF16"))
+
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -185,7 +187,13 @@ class TensorSource(Mapping[str, np.ndarray]):
         if shape is not None and tuple(arr.shape) != tuple(shape):
             raise WeightLoadError(
                 f"key {key!r} in {self.file_of(key)} has shape {tuple(arr.shape)}, expected "
-                f"{tuple(shape)} from the model config"
+                f"{tuple(shape)} from the model config; the weights belong to another config: "
+                "use the config.json saved with them"
+            )
+        if arr.dtype not in _FLOAT_DTYPES:
+            raise WeightLoadError(
+                f"key {key!r} in {self.file_of(key)} has dtype {arr.dtype}, expected a floating "
+                "point weight (F32, F16 or BF16); re-save the checkpoint with float weights"
             )
         self.consumed.add(key)
         return arr

@@ -485,6 +485,11 @@ class DiskCacheStore(AbstractCacheStore):
             return self._check_blob(entry_id, row)
         except _Vanished:
             raise KeyError(f"cache entry {entry_id!r} was removed concurrently") from None
+        except CacheEntryError as e:
+            raise _damaged(
+                getattr(e, "kind", "corrupted"),
+                f"{e}; run `rfmpc cache verify --repair --cache {self.directory}` to remove it",
+            ) from None
 
     def _candidates(self, q, model_id, config_hash, k, floor, exclude):
         self._sync()

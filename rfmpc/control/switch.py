@@ -164,7 +164,10 @@ class SwitchConfig:
                 f"replan_on must be 'tracking' or 'consistency', got {self.replan_on!r}"
             )
         if self.transition_steps < 1 or self.reproject_iters < 1 or self.replan_every < 1:
-            raise ValueError("transition_steps, reproject_iters and replan_every must be >= 1")
+            raise ValueError(
+                "transition_steps, reproject_iters and replan_every must be >= 1, got "
+                f"{self.transition_steps}, {self.reproject_iters} and {self.replan_every}"
+            )
         if not isinstance(self.shooting, ShootingOptions):
             raise TypeError("shooting must be a ShootingOptions")
         if not isinstance(self.mpc, MPCOptions):
@@ -464,6 +467,69 @@ def _config(config: SwitchConfig | None, options: dict) -> SwitchConfig:
     return dataclasses.replace(cfg, **options) if options else cfg
 
 
+def _validate_inputs(field, state_a: TrajectoryState, k: int, cond_b, final_a, similarity):
+    """Entry-point checks of :func:`switch` (static shapes and concrete values only)."""
+    x = state_a.x
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"state_a.x must be a floating-point latent, got dtype {x.dtype}")
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(
+            "state_a.x contains NaN or inf: the cached state is damaged; regenerate prompt A's "
+            "trajectory (or drop the entry with `rfmpc cache verify --repair`)"
+        )
+    if similarity is not None and not isinstance(similarity, jax.core.Tracer):
+        s = np.asarray(similarity, np.float64)
+        if not (np.all(np.isfinite(s)) and np.all(np.abs(s) <= 1.0)):
+            raise ValueError(
+                f"similarity must be a cosine similarity in [-1, 1], got {similarity!r}; omit it "
+                "to measure the velocity cosine at the cached state"
+            )
+    if final_a is not None and tuple(jnp.shape(final_a)) != tuple(x.shape):
+        raise ValueError(
+            f"final_a has shape {tuple(jnp.shape(final_a))}; it must be A's final latent, with "
+            f"the state's shape {tuple(x.shape)}"
+        )
+    if state_a.cond is not None:
+        ta, tb = jax.tree.structure(state_a.cond), jax.tree.structure(cond_b)
+        la, lb = jax.tree.leaves(state_a.cond), jax.tree.leaves(cond_b)
+        if ta != tb or any(jnp.shape(a) != jnp.shape(b) for a, b in zip(la, lb)):
+            raise ValueError(
+                f"cond_b {_tree_shapes(cond_b)} does not match state_a.cond "
+                f"{_tree_shapes(state_a.cond)}: encode prompt B with the model (and batch size) "
+                "that produced A's state, e.g. pipe.encode_prompt(prompt_b)"
+            )
+    sig_k = state_a.sigmas[k]
+    try:
+        out = jax.eval_shape(lambda x_, s_, c_: field(x_, s_, c_), x, sig_k, cond_b)
+    except Exception as e:
+        raise ValueError(
+            f"the velocity field cannot take state_a.x of shape {tuple(x.shape)} "
+            f"({type(e).__name__}: {e}); the cached state comes from another model or "
+            "resolution: regenerate prompt A with this model"
+        ) from e
+    if getattr(out, "shape", None) != x.shape:
+        raise ValueError(
+            f"the velocity field returned shape {getattr(out, 'shape', None)} for state_a.x of "
+            f"shape {tuple(x.shape)}: the cached state comes from another model or resolution; "
+            "regenerate prompt A with this model"
+        )
+
+
+def _tree_shapes(tree) -> str:
+    return str(jax.tree.map(lambda a: tuple(jnp.shape(a)), tree))
+
+
+def _check_batch(name: str, tree, b: int) -> None:
+    """Every leaf of a stacked argument of :func:`switch_batch` has leading axis ``b``."""
+    for leaf in jax.tree.leaves(tree):
+        shape = tuple(jnp.shape(leaf))
+        if not shape or shape[0] != b:
+            raise ValueError(
+                f"{name} must be stacked with a leading axis of {b} (one per state in states_a), "
+                f"got a leaf of shape {shape}; stack per-pair values with jnp.stack"
+            )
+
+
 def _step_of(state: TrajectoryState) -> int:
     try:
         return int(np.asarray(state.step).reshape(-1)[0])
@@ -530,6 +596,7 @@ def switch(
             f"state_a.cond is None, but method {method!r} needs prompt A's conditioning: store "
             "it in the cached state (TrajectoryState(..., cond=cond_a))"
         )
+    _validate_inputs(field, state_a, k, cond_b, final_a, similarity)
     eps = _noise_for(state_a, noise)
     if method == "sdedit" and key is None:
         if state_a.key is None:
@@ -584,6 +651,15 @@ def stack_states(states: list[TrajectoryState]) -> TrajectoryState:
     """Stack states (same step, grid and shapes) on a new leading axis, for :func:`switch_batch`."""
     if not states:
         raise ValueError("stack_states needs at least one state")
+    ref = states[0]
+    for i, s in enumerate(states):
+        if not isinstance(s, TrajectoryState):
+            raise TypeError(f"states[{i}] must be a TrajectoryState, got {type(s).__name__}")
+        if s.x.shape != ref.x.shape or s.x.dtype != ref.x.dtype:
+            raise ValueError(
+                f"states[{i}].x is {s.x.shape} {s.x.dtype} but states[0].x is {ref.x.shape} "
+                f"{ref.x.dtype}: batch states of one model and resolution only"
+            )
     return jax.tree.map(lambda *a: jnp.stack(a), *states)
 
 
@@ -609,6 +685,11 @@ def switch_batch(
     """
     _check_method(method)
     cfg = _config(config, options)
+    if not isinstance(states_a, TrajectoryState):
+        raise TypeError(
+            f"states_a must be a stacked TrajectoryState (stack_states), got "
+            f"{type(states_a).__name__}"
+        )
     steps = np.asarray(states_a.step).reshape(-1)
     if steps.size < 1 or not np.all(steps == steps[0]):
         raise ValueError(f"all states must be at the same step to batch them, got {steps}")
@@ -621,6 +702,11 @@ def switch_batch(
     if k >= n:
         raise ValueError(f"the states are at step {k} of {n}: nothing remains to run")
     x = states_a.x
+    b = int(steps.size)
+    for name, arg in (("conds_b", conds_b), ("similarity", similarity), ("noise", noise)):
+        _check_batch(name, arg, b)
+    for name, arg in (("key", key), ("final_a", final_a)):
+        _check_batch(name, arg, b)
     if noise is None:
         if states_a.key is None:
             raise ValueError("states_a have no keys: pass noise= (the stacked seed noises)")

@@ -63,6 +63,10 @@ def flowmatch_sigmas(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if mu is None and not (math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a positive finite number, got {shift}")
+    if mu is not None and not (isinstance(mu, (int, float, np.number)) and math.isfinite(mu)):
+        raise ValueError(
+            f"mu must be a finite number (dynamic shifting), got {mu!r}; pass mu=None to use shift"
+        )
     dynamic = mu is not None
     sigma_max, sigma_min = _training_sigma_range(shift, num_train_timesteps, dynamic)
     ts = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps)

@@ -79,6 +79,7 @@ def _resolve(state_or_x, sigmas, cond, start, stop, key):
         x = jnp.asarray(state_or_x)
         start = 0 if start is None else start
         meta = ()
+    _validate_x(x)
     sig = validate_sigmas(sigmas) if not isinstance(sigmas, jax.core.Tracer) else sigmas
     n = int(np.shape(sig)[0]) - 1
     stop = n if stop is None else stop
@@ -92,6 +93,20 @@ def _resolve(state_or_x, sigmas, cond, start, stop, key):
             f"stop={stop} is out of range: it must satisfy start={start} <= stop <= {n}"
         )
     return x, jnp.asarray(sigmas), cond, int(start), int(stop), key, meta
+
+
+def _validate_x(x) -> None:
+    """A float latent, finite when concrete (a traced ``x`` under an outer jit is not checked)."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"x must be a floating-point latent, got dtype {x.dtype}; convert it with "
+            "x.astype(jnp.float32)"
+        )
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(
+            f"x (shape {x.shape}) contains NaN or inf; start from finite noise, e.g. "
+            "jax.random.normal(key, shape)"
+        )
 
 
 def _make_control(control, start, stop, x):

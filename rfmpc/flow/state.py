@@ -73,6 +73,7 @@ class TrajectoryState(eqx.Module):
             raise ValueError(f"step must be a scalar, got shape {self.step.shape}")
         if self.sigmas.ndim != 1 or self.sigmas.shape[0] < 2:
             raise ValueError(f"sigmas must be a 1-D grid of >= 2 entries, got {self.sigmas.shape}")
+        _check_step_range(self.step, self.sigmas.shape[0] - 1)
         if key is not None and not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
         self.key = key
@@ -183,6 +184,11 @@ class TrajectoryState(eqx.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Save atomically to ``path`` (safetensors + JSON metadata, with a SHA-256)."""
+        if os.path.isdir(path):
+            raise ValueError(
+                f"path {str(path)!r} is a directory; pass a file path such as "
+                f"{os.path.join(str(path), 'state.safetensors')!r}"
+            )
         tensors, header = self.to_tensors()
         save_safetensors(path, tensors, header)
 
@@ -192,12 +198,27 @@ class TrajectoryState(eqx.Module):
         try:
             tensors, header = load_safetensors(path)
         except ValueError as e:
-            raise StateFileError(f"cannot read trajectory state: {e}") from e
+            raise StateFileError(
+                f"cannot read trajectory state: {e}; the file is damaged: discard it and save "
+                "the state again (TrajectoryState.save)"
+            ) from e
         state = cls.from_tensors(tensors, header, source=str(path))
         s = int(state.step)
         if not 0 <= s <= state.num_steps:
             raise StateFileError(f"{path}: step {s} outside [0, {state.num_steps}]")
         return state
+
+
+def _check_step_range(step, num_steps: int) -> None:
+    """``0 <= step <= num_steps`` for a concrete step (a traced one is not checked)."""
+    if isinstance(step, jax.core.Tracer):
+        return
+    s = int(step)
+    if not 0 <= s <= num_steps:
+        raise ValueError(
+            f"step={s} is outside the grid's steps 0..{num_steps} (sigmas has {num_steps + 1} "
+            "entries); pass the number of Euler steps already taken"
+        )
 
 
 def init_state(

@@ -216,6 +216,10 @@ def _per_image_sum(a: Array) -> Array:
 
 @eqx.filter_jit
 def _run(solver, problem, key, shape):
+    if not isinstance(key, jax.Array):  # a static, trace-time check
+        raise TypeError(
+            f"key must be a jax PRNG key, got {type(key).__name__}; pass jax.random.key(seed)"
+        )
     return solver._solve(problem, key, shape)
 
 
@@ -238,6 +242,16 @@ class AbstractInverseSolver(eqx.Module):
         if not callable(field):
             raise TypeError(f"field must be a velocity field v(x, sigma, cond), got {type(field)}")
         y = jnp.asarray(y)
+        if not jnp.issubdtype(y.dtype, jnp.floating):
+            raise TypeError(
+                f"y must be a floating-point measurement in model units ([-1, 1] images), got "
+                f"dtype {y.dtype}; for uint8 images pass y.astype(jnp.float32) / 127.5 - 1"
+            )
+        if not isinstance(y, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(y))):
+            raise ValueError(
+                "y contains NaN or inf; give finite measurements (mark missing pixels with an "
+                "Inpainting operator's mask, not NaN)"
+            )
         if not float(noise_std) > 0:
             raise ValueError(
                 f"noise_std must be > 0 (the data fit divides by it), got {noise_std}; "
@@ -260,6 +274,20 @@ class AbstractInverseSolver(eqx.Module):
                 f"the operator cannot measure a state of shape {shape} against y of shape "
                 f"{y.shape}: {e}"
             ) from e
+        state = jax.ShapeDtypeStruct(shape, y.dtype)
+        try:
+            v = jax.eval_shape(lambda z: problem.velocity(z, jnp.ones((), z.dtype)), state)
+        except Exception as e:
+            raise ValueError(
+                f"the prior's velocity field cannot take a state of shape {shape} (from y of shape "
+                f"{y.shape}): {type(e).__name__}: {e}; y must match the model's image size and "
+                "channels (resize it), or pass shape= for a latent model"
+            ) from e
+        if getattr(v, "shape", None) != shape:
+            raise ValueError(
+                f"the prior's velocity field returned shape {getattr(v, 'shape', None)} for a "
+                f"state of shape {shape}: y does not match the model's image size and channels"
+            )
         return problem, shape
 
     def __call__(

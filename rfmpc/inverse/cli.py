@@ -175,14 +175,38 @@ def provide_prior(name: str = "embedded") -> Prior:
     raise ValueError(f"unknown prior {name!r}; choose one of {list(PRIORS)}")
 
 
+#: PIL modes ``--image`` accepts (8-bit; converted to RGB).
+_IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+
+
 def _load_png(path: str, image_shape) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--image {path}: no such file")
     h, w, c = image_shape
-    img = Image.open(p).convert("RGB")
+    try:
+        img = Image.open(p)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image {path} is not a readable image ({e}); pass a PNG file") from e
+    if img.mode not in _IMAGE_MODES:
+        raise ValueError(
+            f"--image {path} has mode {img.mode!r}, expected 8-bit RGB, grey or palette "
+            f"({', '.join(_IMAGE_MODES)}); save it as an 8-bit RGB PNG first"
+        )
+    if "A" in img.mode and img.getchannel("A").getextrema()[0] < 255:
+        raise ValueError(
+            f"--image {path} has transparent pixels (mode {img.mode}); flatten it onto a "
+            "background and save it as RGB first"
+        )
+    if img.width * h != img.height * w:
+        raise ValueError(
+            f"--image {path} is {img.width}x{img.height} (width x height) but the model works on "
+            f"{w}x{h} images; resizing would distort it: crop it to a {w}:{h} aspect ratio first"
+        )
+    img = img.convert("RGB")
     if img.size != (w, h):
         img = img.resize((w, h), Image.BICUBIC)
     arr = np.asarray(img, np.float32) / 255.0
@@ -248,6 +272,13 @@ def restore(
     args = types.SimpleNamespace(
         task=task, method=method, image=image, prompt=prompt, noise=noise, seed=seed, out=out
     )
+    from rfmpc.inverse.operators import TASKS
+    from rfmpc.inverse.registry import METHODS
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     if args.noise is not None and not args.noise > 0:
         raise ValueError(f"--noise must be > 0, got {args.noise}")
     h = prior.image_shape[0]

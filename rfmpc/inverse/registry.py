@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from rfmpc.inverse._common import AbstractInverseSolver
@@ -27,4 +28,14 @@ def make_solver(name: str, **overrides) -> AbstractInverseSolver:
     """The solver called ``name`` (see :data:`METHODS`), with hyper-parameter overrides."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {list(METHODS)}")
-    return METHODS[name](**overrides)
+    try:
+        return METHODS[name](**overrides)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        cls = type(METHODS[name]())
+        valid = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(overrides) - set(valid))
+        raise TypeError(
+            f"unknown option(s) {unknown} for method {name!r}; valid options: {valid}"
+        ) from None
