@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 __all__ = [
@@ -57,23 +58,39 @@ class ClassifierFreeGuidance(eqx.Module):
     evaluates the conditional branch only (diffusers skips CFG there).
 
     It is an ``equinox.Module``: a wrapped model's parameters stay pytree leaves, so jitted
-    solvers trace them as arguments instead of baking them into the program as constants.
+    solvers trace them as arguments instead of baking them into the program as constants. The
+    scale itself is a (weakly typed) array leaf too, so a new guidance value reuses the compiled
+    program; only whether CFG is on (``guidance_scale > 1``, fixed at construction) is static.
     """
 
     field: Callable[[Array, Array, Any], Array]
-    guidance_scale: float = eqx.field(static=True)
-    batched: bool = eqx.field(static=True, default=True)
+    guidance_scale: Array
+    batched: bool = eqx.field(static=True)
+    guided: bool = eqx.field(static=True)
 
-    def __check_init__(self):
-        if not self.guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+    def __init__(self, field, guidance_scale, batched: bool = True):
+        try:
+            g = float(guidance_scale)
+        except (TypeError, jax.errors.ConcretizationTypeError) as e:
+            raise TypeError(
+                "guidance_scale must be a concrete number (build the guided field outside jit; "
+                f"the scale is still traced inside), got {type(guidance_scale).__name__}"
+            ) from e
+        if not (np.isfinite(g) and g >= 0):
+            raise ValueError(
+                f"guidance_scale must be >= 0 and finite, got {guidance_scale}; pass e.g. 4.0 "
+                "(values <= 1 disable CFG)"
+            )
+        self.field = field
+        self.guidance_scale = jnp.asarray(g)  # weakly typed: follows the velocity's dtype
+        self.batched = bool(batched)
+        self.guided = g > 1.0
 
     def __call__(self, x, sigma, cond):
         if not (isinstance(cond, (tuple, list)) and len(cond) == 2):
             raise TypeError("a guided field takes cond=(cond, uncond); got " + type(cond).__name__)
         c, u = cond
-        g = self.guidance_scale
-        if g <= 1.0:
+        if not self.guided:
             return self.field(x, sigma, c)
         if self.batched:
             both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), u, c)
@@ -82,7 +99,7 @@ class ClassifierFreeGuidance(eqx.Module):
             v_u, v_c = jnp.split(v, 2, axis=0)
         else:
             v_u, v_c = self.field(x, sigma, u), self.field(x, sigma, c)
-        return v_u + g * (v_c - v_u)
+        return v_u + self.guidance_scale * (v_c - v_u)
 
 
 def classifier_free_guidance(

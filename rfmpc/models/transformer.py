@@ -123,6 +123,29 @@ class Transformer:
             pooled_projections,
         )
 
+    def astype(self, dtype, *, attention: str = "auto") -> Transformer:
+        """The same weights with parameter and compute dtype ``dtype`` (a new ``Transformer``).
+
+        Used to run the control code (shooting gradients, MPC Jacobian probes) in float32 on a
+        model loaded in bfloat16: the weights are the bf16-rounded values, upcast exactly, and
+        every matmul then runs in float32 (see ``docs/precision.md`` for the measured deltas).
+        """
+        dtype = jnp.dtype(dtype)
+        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if dtype == jnp.dtype(self.dtype):
+            return self
+        abstract = nnx.eval_shape(
+            lambda: MMDiT(
+                self.config, dtype=dtype, param_dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
+            )
+        )
+        graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+        cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        return Transformer(
+            graphdef, jax.tree.map(cast, self.params), jax.tree.map(cast, self.buffers), self.config
+        )
+
     def tree_flatten(self):
         return (self.params, self.buffers), (self.graphdef, self.config)
 
