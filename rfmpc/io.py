@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -20,7 +21,17 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "load_safetensors", "save_safetensors", "tensors_digest"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "SafetensorsReadError",
+    "atomic_write_bytes",
+    "load_safetensors",
+    "parse_safetensors_header",
+    "remove_stale_temp_files",
+    "save_safetensors",
+    "stale_temp_files",
+    "tensors_digest",
+]
 
 _DTYPE_NAMES = {
     np.dtype(np.float64): "F64",
@@ -64,6 +75,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temporary files an atomic write of ``path`` leaves behind when its writer is killed
+    mid-write (``.<name>.<random>.tmp`` next to it: :func:`atomic_write_bytes`' naming)."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    if not path.parent.is_dir():
+        return []
+    return sorted(
+        p
+        for p in path.parent.iterdir()
+        if p.name.startswith(prefix) and p.name.endswith(".tmp") and p.is_file()
+        if not p.is_symlink()
+    )
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete :func:`stale_temp_files` of ``path``; returns what was removed.
+
+    Only for files with a single writer (a training run's checkpoint): a writer running right
+    now has a temp file of the same pattern.
+    """
+    removed = []
+    for p in stale_temp_files(path):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def _contiguous(a) -> np.ndarray:
@@ -119,43 +159,132 @@ class SafetensorsReadError(ValueError):
     """A safetensors file is missing, truncated or corrupted."""
 
 
+#: Largest JSON header we parse (as the reference ``safetensors`` library): a bigger claim is a
+#: corrupted or hostile file, never a reason to allocate.
+MAX_HEADER_BYTES = 100_000_000
+
+TensorSpan = tuple[np.dtype, tuple[int, ...], int, int]
+
+
+def _int_list(value, n: int | None) -> list[int] | None:
+    """``value`` as a list of non-negative Python ints (bools rejected), else None."""
+    if not isinstance(value, list) or (n is not None and len(value) != n):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return value
+
+
+def _parse_entry(name: str, info, dtypes: Mapping[str, np.dtype], source: str) -> TensorSpan:
+    if not isinstance(info, dict):
+        raise SafetensorsReadError(f"{source}: header entry {name!r} is not a JSON object")
+    dtype = dtypes.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise SafetensorsReadError(
+            f"{source}: tensor {name!r} has unsupported dtype {info.get('dtype')!r} "
+            f"(supported: {sorted(dtypes)})"
+        )
+    shape = _int_list(info.get("shape"), None)
+    offsets = _int_list(info.get("data_offsets"), 2)
+    if shape is None or offsets is None:
+        raise SafetensorsReadError(
+            f"{source}: tensor {name!r} needs a shape of non-negative ints and data_offsets "
+            f"[begin, end] of non-negative ints; got shape={info.get('shape')!r}, "
+            f"data_offsets={info.get('data_offsets')!r}: the file is corrupted"
+        )
+    begin, end = offsets
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on absurd shapes
+    if end < begin or end - begin != nbytes:
+        raise SafetensorsReadError(
+            f"{source}: tensor {name!r} (shape {tuple(shape)}, {info['dtype']}) needs {nbytes} "
+            f"bytes but data_offsets [{begin}, {end}) span {end - begin}: the file is corrupted"
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def parse_safetensors_header(
+    header: bytes,
+    data_len: int,
+    source: str,
+    dtypes: Mapping[str, np.dtype] | None = None,
+) -> tuple[dict[str, TensorSpan], dict[str, str]]:
+    """Parse and validate a safetensors JSON header for a data section of ``data_len`` bytes.
+
+    Returns ``({name: (dtype, shape, begin, end)}, metadata)`` with offsets into the data
+    section. Everything the format forbids raises :class:`SafetensorsReadError` naming
+    ``source`` before a byte of tensor data is touched: a header that is not a JSON object (or is
+    nested absurdly deep), unknown dtypes, negative / non-integer shapes or offsets, offsets that
+    disagree with the shape, tensors past the end of the file (truncation), overlapping tensors,
+    holes, and trailing bytes (as the reference ``safetensors`` library).
+    """
+    dtypes = _NAME_DTYPES if dtypes is None else dtypes
+    try:
+        obj = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise SafetensorsReadError(f"{source}: corrupted header ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise SafetensorsReadError(f"{source}: corrupted header (not a JSON object)")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise SafetensorsReadError(f"{source}: corrupted header (__metadata__ must map str to str)")
+    entries = {name: _parse_entry(name, info, dtypes, source) for name, info in obj.items()}
+    for name, (_, _, _, end) in entries.items():
+        if end > data_len:
+            raise SafetensorsReadError(
+                f"{source}: tensor {name!r} extends past the end of the file (byte {end} of a "
+                f"{data_len}-byte data section): truncated or corrupted"
+            )
+    pos, prev = 0, None
+    for begin, end, name in sorted((b, e, n) for n, (_, _, b, e) in entries.items()):
+        if begin != pos:
+            what = f"overlaps {prev!r}" if begin < pos else f"leaves a hole after byte {pos}"
+            raise SafetensorsReadError(
+                f"{source}: tensor {name!r} at data_offsets [{begin}, {end}) {what}: the file "
+                "is corrupted or hostile"
+            )
+        pos, prev = end, name
+    if pos != data_len:
+        raise SafetensorsReadError(
+            f"{source}: {data_len - pos} trailing bytes after the last tensor: corrupted"
+        )
+    return entries, dict(metadata)
+
+
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a whole (small) safetensors file into memory: ``(tensors, metadata)``.
 
     Raises :class:`SafetensorsReadError` (a ``ValueError``) naming the file on truncation or
-    corruption. For large checkpoints use ``weights_conversion.SafetensorsFile`` (memory-mapped).
+    corruption (see :func:`parse_safetensors_header`); sizes are checked against the file's
+    before anything is allocated. For large checkpoints use ``weights_conversion.SafetensorsFile``
+    (memory-mapped).
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
     except FileNotFoundError as e:
         raise SafetensorsReadError(f"{path}: no such file") from e
-    if len(raw) < 8:
-        raise SafetensorsReadError(f"{path}: truncated ({len(raw)} bytes, no header)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if 8 + n > len(raw):
-        raise SafetensorsReadError(
-            f"{path}: truncated or corrupted (header claims {n} bytes, file has {len(raw)})"
-        )
-    try:
-        header = json.loads(raw[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SafetensorsReadError(f"{path}: corrupted header ({e})") from e
-    if not isinstance(header, dict):
-        raise SafetensorsReadError(f"{path}: corrupted header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data = memoryview(raw)[8 + n :]
-    out = {}
-    for name, info in header.items():
-        try:
-            dtype = _NAME_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise SafetensorsReadError(f"{path}: corrupted entry for {name!r} ({err})") from err
-        if e - b != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or e > len(data) or b < 0:
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsReadError(f"{path}: truncated ({len(head)} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
             raise SafetensorsReadError(
-                f"{path}: tensor {name!r} extends past the end of the file: truncated or corrupted"
+                f"{path}: corrupted header (claims {n} header bytes, more than the "
+                f"{MAX_HEADER_BYTES} allowed; the file has {size})"
             )
-        out[name] = np.frombuffer(data[b:e], dtype=dtype).reshape(shape).copy()
-    return out, dict(metadata)
+        if 8 + n > size:
+            raise SafetensorsReadError(
+                f"{path}: truncated or corrupted (header claims {n} bytes, file has {size})"
+            )
+        raw = f.read()
+    entries, metadata = parse_safetensors_header(raw[:n], len(raw) - n, str(path))
+    data = memoryview(raw)[n:]
+    out = {
+        name: np.frombuffer(data[b:e], dtype=dtype).reshape(shape).copy()
+        for name, (dtype, shape, b, e) in entries.items()
+    }
+    return out, metadata

@@ -17,6 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from rfmpc.io import SafetensorsReadError, parse_safetensors_header
+
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -60,30 +62,16 @@ class SafetensorsFile:
                     f"{self.path}: corrupted safetensors header (claims {n} header bytes, file "
                     f"has {size}); the file is truncated or not a safetensors file"
                 )
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise WeightLoadError(f"{self.path}: unreadable safetensors header: {e}") from e
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            header = f.read(n)
         self._data_start = 8 + n
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = _DTYPES[info["dtype"]]
-            except KeyError as e:
-                raise WeightLoadError(
-                    f"{self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}"
-                ) from e
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != expected or self._data_start + end > size:
-                raise WeightLoadError(
-                    f"{self.path}: tensor {name!r} (shape {shape}, {info['dtype']}) has "
-                    f"inconsistent offsets [{begin}, {end}) for a {size}-byte file: the file is "
-                    "truncated or corrupted; re-download or re-save it"
-                )
-            self._entries[name] = (dtype, shape, begin, end)
+        try:
+            entries, metadata = parse_safetensors_header(
+                header, size - self._data_start, str(self.path), _DTYPES
+            )
+        except SafetensorsReadError as e:
+            raise WeightLoadError(f"{e}; re-download or re-save the checkpoint") from e
+        self.metadata: dict[str, str] = metadata
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = entries
 
     def keys(self) -> list[str]:
         return list(self._entries)

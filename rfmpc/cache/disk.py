@@ -90,10 +90,28 @@ def _damaged(kind: str, message: str) -> CacheEntryError:
     return err
 
 
+_OWN_FILES = ("blobs", "index.sqlite", "index.sqlite-wal", "index.sqlite-shm", ".lock")
+
+
+def _refuse_symlinks(directory: Path) -> None:
+    """Raise if one of the cache's own files is a symlink: it could point anywhere, and the
+    store deletes blobs and orphans in ``blobs/`` and writes the index and lock."""
+    for name in _OWN_FILES:
+        p = directory / name
+        if p.is_symlink():
+            raise CacheIndexError(
+                f"{p} is a symbolic link (to {os.readlink(p)}): a cache keeps its index, lock and "
+                "blobs inside its own directory and refuses to follow links out of it; replace "
+                "the link with the real file or directory (or point the cache at the target)"
+            )
+
+
 def _sha256_file(path: Path) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    # O_NOFOLLOW: a blob swapped for a symlink between the caller's check and this open is not
+    # followed (ELOOP -> OSError -> reported as unreadable)
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
             size += len(chunk)
@@ -138,6 +156,7 @@ class DiskCacheStore(AbstractCacheStore):
                 raise FileNotFoundError(f"cache directory {self.directory} is not a directory")
             self.directory.mkdir(parents=True, exist_ok=True)
         self.blob_dir = self.directory / "blobs"
+        _refuse_symlinks(self.directory)
         self.blob_dir.mkdir(exist_ok=True)
         self._blob_root = self.blob_dir.resolve()
         self._lock_file = open(self.directory / ".lock", "a+b")
