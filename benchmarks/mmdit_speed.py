@@ -180,11 +180,81 @@ def _inputs(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def run(case_name: str, runs: int, *, skip_diffusers: bool = False) -> dict:
+def diffusers_model(case: Case, tdev, tdtype, save_to: str | None = None):
+    """diffusers' ``SD3Transformer2DModel`` of ``case`` on ``tdev`` in ``tdtype``, in eval mode.
+
+    Real-size configs on a GPU are built directly on the device in ``tdtype`` with diffusers'
+    own initialisation; otherwise every weight is redrawn (seed 0) so nothing is trivially zero,
+    and with ``save_to`` the weights are saved there (safetensors) for rfmpc to load.
+    """
     import torch
     from diffusers import SD3Transformer2DModel
 
+    cfg = case.model
+    torch.manual_seed(0)
+    if tdev.type == "cuda" and not case.same_weights:
+        with torch.device(tdev):
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(tdtype)
+            tmodel = SD3Transformer2DModel(**cfg.to_diffusers()).eval()
+            torch.set_default_dtype(prev)
+        return tmodel
+    tmodel = SD3Transformer2DModel(**cfg.to_diffusers()).eval()
+    with torch.no_grad():  # non-trivial weights everywhere (diffusers zero-inits some)
+        for name, p in tmodel.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, float(np.prod(p.shape[1:])) ** -0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.1)
+    tmodel = tmodel.to(tdev, tdtype)
+    if save_to is not None:
+        tmodel.save_pretrained(save_to, safe_serialization=True)
+    return tmodel
+
+
+def torch_inputs(inp: dict[str, np.ndarray], tdev, tdtype) -> dict:
+    """:func:`_inputs` as diffusers' keyword arguments (NCHW latents) on ``tdev``."""
+    import torch
+
+    return {
+        "hidden_states": torch.from_numpy(inp["hidden_states"])
+        .permute(0, 3, 1, 2)
+        .to(tdev, tdtype),
+        "encoder_hidden_states": torch.from_numpy(inp["encoder_hidden_states"]).to(tdev, tdtype),
+        "pooled_projections": torch.from_numpy(inp["pooled_projections"]).to(tdev, tdtype),
+        "timestep": torch.from_numpy(inp["timestep"]).to(tdev),
+    }
+
+
+def rfmpc_model(case: Case, jdtype, folder: str | None = None):
+    """rfmpc's :class:`~rfmpc.models.Transformer` of ``case``: loaded from ``folder`` (the
+    weights :func:`diffusers_model` saved) or, without one, randomly initialised on device."""
     from rfmpc.models import MMDiT, Transformer, load_transformer
+
+    if folder is not None:
+        return load_transformer(folder, dtype=jdtype)
+    from flax import nnx
+
+    module = nnx.jit(
+        lambda: MMDiT(case.model, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(0))
+    )()
+    return Transformer.from_module(module)
+
+
+def jax_inputs(inp: dict[str, np.ndarray], jdtype, jdev) -> list:
+    """:func:`_inputs` as rfmpc's positional arguments (NHWC latents) on ``jdev``."""
+    return [
+        jax.device_put(jnp.asarray(inp["hidden_states"], jdtype), jdev),
+        jax.device_put(jnp.asarray(inp["timestep"]), jdev),
+        jax.device_put(jnp.asarray(inp["encoder_hidden_states"], jdtype), jdev),
+        jax.device_put(jnp.asarray(inp["pooled_projections"], jdtype), jdev),
+    ]
+
+
+def run(case_name: str, runs: int, *, skip_diffusers: bool = False) -> dict:
+    import torch
 
     case = CASES[case_name]
     cfg = case.model
@@ -218,39 +288,11 @@ def run(case_name: str, runs: int, *, skip_diffusers: bool = False) -> dict:
     sync_t = (lambda _: torch.cuda.synchronize()) if on_gpu else (lambda _: None)
 
     # ---- diffusers (PyTorch, eager) -----------------------------------------------------
-    torch.manual_seed(0)
     ref_out = None
     with tempfile.TemporaryDirectory() as tmp:
-        if on_gpu and not case.same_weights:
-            with torch.device(tdev):
-                prev = torch.get_default_dtype()
-                torch.set_default_dtype(tdtype)
-                tmodel = SD3Transformer2DModel(**cfg.to_diffusers()).eval()
-                torch.set_default_dtype(prev)
-        else:
-            tmodel = SD3Transformer2DModel(**cfg.to_diffusers()).eval()
-            with torch.no_grad():  # non-trivial weights everywhere (diffusers zero-inits some)
-                for name, p in tmodel.named_parameters():
-                    if p.ndim > 1:
-                        p.normal_(0.0, float(np.prod(p.shape[1:])) ** -0.5)
-                    elif "norm" in name and name.endswith("weight"):
-                        p.normal_(1.0, 0.1)
-                    else:
-                        p.normal_(0.0, 0.1)
-            tmodel = tmodel.to(tdev, tdtype)
-            if case.same_weights:
-                tmodel.save_pretrained(tmp, safe_serialization=True)
+        tmodel = diffusers_model(case, tdev, tdtype, save_to=tmp if case.same_weights else None)
         n_params = sum(p.numel() for p in tmodel.parameters())
-        targs = {
-            "hidden_states": torch.from_numpy(inp["hidden_states"])
-            .permute(0, 3, 1, 2)
-            .to(tdev, tdtype),
-            "encoder_hidden_states": torch.from_numpy(inp["encoder_hidden_states"]).to(
-                tdev, tdtype
-            ),
-            "pooled_projections": torch.from_numpy(inp["pooled_projections"]).to(tdev, tdtype),
-            "timestep": torch.from_numpy(inp["timestep"]).to(tdev),
-        }
+        targs = torch_inputs(inp, tdev, tdtype)
 
         held = {"model": tmodel, "args": targs}  # dropped before JAX runs (GPU memory)
         del tmodel, targs
@@ -267,21 +309,8 @@ def run(case_name: str, runs: int, *, skip_diffusers: bool = False) -> dict:
             torch.cuda.empty_cache()
 
         # ---- rfmpc (JAX, jit) -------------------------------------------------------------
-        if case.same_weights:
-            model = load_transformer(tmp, dtype=jdtype)
-        else:
-            from flax import nnx
-
-            module = nnx.jit(
-                lambda: MMDiT(cfg, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(0))
-            )()
-            model = Transformer.from_module(module)
-    jargs = [
-        jax.device_put(jnp.asarray(inp["hidden_states"], jdtype), jdev),
-        jax.device_put(jnp.asarray(inp["timestep"]), jdev),
-        jax.device_put(jnp.asarray(inp["encoder_hidden_states"], jdtype), jdev),
-        jax.device_put(jnp.asarray(inp["pooled_projections"], jdtype), jdev),
-    ]
+        model = rfmpc_model(case, jdtype, tmp if case.same_weights else None)
+    jargs = jax_inputs(inp, jdtype, jdev)
     record["rfmpc"], out = _timed(lambda: model(*jargs), lambda o: o.block_until_ready(), runs)
     record["params"] = int(n_params)
 

@@ -49,7 +49,23 @@ CONFIGS = {
         },
         "size": 512,
     },
+    # (GPU) SD3.5-large's transformer (38 layers, width 2432, RMS QK-norm) at 128x128 latents,
+    # random weights, tiny VAE/text encoders. Building the folder writes ~32 GB of fp32 weights.
+    "sd35-large": {
+        "overrides": {
+            "num_layers": 38,
+            "num_attention_heads": 38,
+            "attention_head_dim": 64,
+            "caption_projection_dim": 2432,
+            "pos_embed_max_size": 192,
+            "sample_size": 128,
+            "qk_norm": "rms_norm",
+        },
+        "size": 512,
+    },
 }
+#: Engines :func:`_engine` runs; ``diffusers-compile`` wraps the transformer in ``torch.compile``.
+ENGINES = ("rfmpc", "diffusers", "diffusers-compile")
 PROMPT = "a red circle at the top left on a blue background"
 
 
@@ -65,7 +81,11 @@ def _peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
-def _engine(engine: str, folder: str, size: int, steps: int, runs: int) -> dict:
+def _engine(
+    engine: str, folder: str, size: int, steps: int, runs: int, dtype: str = "float32"
+) -> dict:
+    """Load ``engine``'s pipeline from ``folder`` in ``dtype`` ("float32" | "bfloat16") and time
+    warm-up and ``runs`` generations; the image is saved as ``<folder>/../<engine>.npy``."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -76,7 +96,9 @@ def _engine(engine: str, folder: str, size: int, steps: int, runs: int) -> dict:
         from rfmpc.pipeline import load_pipeline
 
         t0 = time.perf_counter()
-        pipe = load_pipeline(folder)
+        import jax.numpy as jnp
+
+        pipe = load_pipeline(folder, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
         load_s = time.perf_counter() - t0
 
         def gen():
@@ -98,9 +120,14 @@ def _engine(engine: str, folder: str, size: int, steps: int, runs: int) -> dict:
 
         t0 = time.perf_counter()
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True).to(dev)
+        tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            folder, local_files_only=True, torch_dtype=tdtype
+        ).to(dev)
+        if engine == "diffusers-compile":
+            pipe.transformer = torch.compile(pipe.transformer)
         load_s = time.perf_counter() - t0
-        lat = torch.from_numpy(lat_nhwc.transpose(0, 3, 1, 2).copy()).to(dev)
+        lat = torch.from_numpy(lat_nhwc.transpose(0, 3, 1, 2).copy()).to(dev, tdtype)
 
         def gen():
             with torch.no_grad():
@@ -126,7 +153,7 @@ def _engine(engine: str, folder: str, size: int, steps: int, runs: int) -> dict:
         img = gen()
         times.append(time.perf_counter() - t0)
     peak, peak_kind = _peak_memory()
-    np.save(Path(folder).parent / f"{engine}.npy", img)
+    np.save(Path(folder).parent / f"{engine}.npy", np.asarray(img, np.float32))
     return {
         "engine": engine,
         "device": device,
