@@ -403,6 +403,13 @@ def cache_lookup_other_schedule(c):
     return lambda: store.lookup(POOLED, 8, model_id="m", config_hash=CHASH)
 
 
+def cache_query_other_encoder(c):
+    """A cache filled by one text encoder (8-d pooled), queried with another's (16-d)."""
+    store = c.cache()
+    store.put("a", POOLED, {2: STATE}, model_id="m", config_hash=CHASH)
+    return lambda: store.nearest(np.ones(16), model_id="m", config_hash=CHASH)
+
+
 def cache_garbage_index(c):
     (c.tmp / "cache").mkdir()
     (c.tmp / "cache" / "index.sqlite").write_bytes(b"this is not a database" * 100)
@@ -615,6 +622,9 @@ TABLE: list[Bad] = [
         r"SHA-256 differs from the index's; run `rfmpc cache verify --repair"),
     Bad("cache-lookup-other-schedule", "cache", cache_lookup_other_schedule, ValueError,
         r"cached on a 6-step grid but num_steps=8: include the schedule"),
+    Bad("cache-query-other-encoder", "cache", cache_query_other_encoder, ValueError,
+        r"query has 16 dims but entries for model_id='m' have 8: embed the prompt with the "
+        r"same encoder"),
     Bad("cache-zero-max-entries", "cache", lambda c: lambda: c.cache(max_entries=0),
         ValueError, r"max_entries must be None or an int >= 1, got 0"),
     Bad("cache-garbage-index", "cache", cache_garbage_index, CacheIndexError,

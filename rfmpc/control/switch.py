@@ -472,7 +472,7 @@ def _validate_inputs(field, state_a: TrajectoryState, k: int, cond_b, final_a, s
     x = state_a.x
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"state_a.x must be a floating-point latent, got dtype {x.dtype}")
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    if not isinstance(x, jax.core.Tracer) and not np.isfinite(np.asarray(x)).all():
         raise ValueError(
             "state_a.x contains NaN or inf: the cached state is damaged; regenerate prompt A's "
             "trajectory (or drop the entry with `rfmpc cache verify --repair`)"

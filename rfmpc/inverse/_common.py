@@ -21,6 +21,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
@@ -247,7 +248,8 @@ class AbstractInverseSolver(eqx.Module):
                 f"y must be a floating-point measurement in model units ([-1, 1] images), got "
                 f"dtype {y.dtype}; for uint8 images pass y.astype(jnp.float32) / 127.5 - 1"
             )
-        if not isinstance(y, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(y))):
+        # numpy on the concrete value: jnp ops would be staged under an outer jit's trace
+        if not isinstance(y, jax.core.Tracer) and not np.isfinite(np.asarray(y)).all():
             raise ValueError(
                 "y contains NaN or inf; give finite measurements (mark missing pixels with an "
                 "Inpainting operator's mask, not NaN)"
