@@ -48,6 +48,7 @@ CONFIGS = {
             "sample_size": 128,
         },
         "size": 512,
+        "max_sequence_length": 256,  # 77 CLIP + 256 T5 tokens, as the released pipelines
     },
     # (GPU) SD3.5-large's transformer (38 layers, width 2432, RMS QK-norm) at 128x128 latents,
     # random weights, tiny VAE/text encoders. Building the folder writes ~32 GB of fp32 weights.
@@ -62,6 +63,7 @@ CONFIGS = {
             "qk_norm": "rms_norm",
         },
         "size": 512,
+        "max_sequence_length": 256,  # 77 CLIP + 256 T5 tokens, as the released pipelines
     },
 }
 #: Engines :func:`_engine` runs; ``diffusers-compile`` wraps the transformer in ``torch.compile``.
@@ -82,7 +84,13 @@ def _peak_memory() -> tuple[int, str]:
 
 
 def _engine(
-    engine: str, folder: str, size: int, steps: int, runs: int, dtype: str = "float32"
+    engine: str,
+    folder: str,
+    size: int,
+    steps: int,
+    runs: int,
+    dtype: str = "float32",
+    max_sequence_length: int = 16,
 ) -> dict:
     """Load ``engine``'s pipeline from ``folder`` in ``dtype`` ("float32" | "bfloat16") and time
     warm-up and ``runs`` generations; the image is saved as ``<folder>/../<engine>.npy``."""
@@ -109,7 +117,7 @@ def _engine(
                 latents=lat_nhwc,
                 height=size,
                 width=size,
-                max_sequence_length=16,
+                max_sequence_length=max_sequence_length,
             )
             return np.asarray(out.images)
 
@@ -138,7 +146,7 @@ def _engine(
                     latents=lat,
                     height=size,
                     width=size,
-                    max_sequence_length=16,
+                    max_sequence_length=max_sequence_length,
                     output_type="np",
                 )
             return out.images
@@ -179,7 +187,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = CONFIGS[args.config]
     if args._engine:  # child process
-        print(json.dumps(_engine(args._engine, args._folder, cfg["size"], args.steps, args.runs)))
+        msl = cfg.get("max_sequence_length", 16)
+        rec = _engine(
+            args._engine, args._folder, cfg["size"], args.steps, args.runs, "float32", msl
+        )
+        print(json.dumps(rec))
         return 0
     import numpy as np
 

@@ -583,7 +583,8 @@ def parse(argv=None):
     ap.add_argument("--out", default=str(RESULTS), help="where to write the .md/.json")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per child process")
-    ap.add_argument("--verbose", action="store_true", help="echo each child's stderr tail")
+    ap.add_argument("--verbose", action="store_true", help="print each child's log path")
+    ap.add_argument("--render", default=None, help="re-render a saved .json record as markdown")
     for hidden in ("_child", "_params", "_tmp", "_result"):
         ap.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -593,6 +594,13 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args._child:
         return _child_main(args)
+    if args.render:  # presentation only: the numbers are the saved ones
+        record = json.loads(Path(args.render).read_text())
+        text = markdown(record)
+        if not args.no_write:
+            Path(args.render).with_suffix(".md").write_text(text)
+        print(text)
+        return 0
     if args.config == "auto":
         args.config = _auto_config(args.quick)
     elif args.quick and f"{args.config}-quick" in PROFILES:

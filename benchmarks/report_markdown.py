@@ -47,8 +47,9 @@ def _ms(x) -> str:
 def _engine_table(rows: list[dict], group: str | None, unit_ms: bool) -> list[str]:
     scale, unit = (1e3, "ms") if unit_ms else (1.0, "s")
     head = (
-        f"| {'case | ' if group else ''}engine | dtype | compile s (how) | steady median {unit} | "
-        f"min {unit} | time / rfmpc | TFLOP/s | MFU | peak memory (child) | load 1m start/end |"
+        f"| {group + ' | ' if group else ''}engine | dtype | compile s (how) | "
+        f"steady median {unit} | min {unit} | time / rfmpc | TFLOP/s | MFU | "
+        "peak memory (child) | load 1m start/end |"
     )
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -61,8 +62,9 @@ def _engine_table(rows: list[dict], group: str | None, unit_ms: bool) -> list[st
             continue
         mem = r.get("memory") or r.get("memory_process")
         extra = ""
-        if r.get("memory") and r.get("memory_process"):
-            extra = f"; process {_mem(r['memory_process'])}"
+        proc = r.get("memory_process")
+        if r.get("memory") and proc and _mem(proc) != _mem(r["memory"]):
+            extra = f"; process {_mem(proc)}"
         out.append(
             f"| {g}{r.get('engine')} | {r.get('dtype')} | "
             f"{_f(r.get('compile_s'), '{:.2f}')} ({r.get('compile_method', '?')}) | "
