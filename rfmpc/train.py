@@ -30,7 +30,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rfmpc.io import atomic_write_bytes, load_safetensors, save_safetensors
+from rfmpc.io import (
+    atomic_write_bytes,
+    load_safetensors,
+    remove_stale_temp_files,
+    save_safetensors,
+)
 from rfmpc.models.configs import MMDiTConfig
 
 __all__ = ["TrainConfig", "embedded_mmdit_config", "load_checkpoint", "train"]
@@ -186,6 +191,21 @@ def load_checkpoint(path: Path, params_like, opt_like, ema_like):
     )
 
 
+def _read_log(path: Path, last_step: int) -> list[dict]:
+    """The records of ``log.jsonl`` up to ``last_step``, skipping a line torn by a kill."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
+            out.append(rec)
+    return out
+
+
 # ------------------------------------------------------------------------------ training loop
 def train(
     out_dir: str | Path,
@@ -227,6 +247,8 @@ def train(
     ema = jax.tree.map(jnp.copy, params)
     start = 0
     ckpt = out / "checkpoint.safetensors"
+    for target in (ckpt, out / "config.json", out / "log.jsonl"):
+        remove_stale_temp_files(target)  # debris of a run killed mid-write (one writer per run)
     config_record = {"train": dataclasses.asdict(cfg), "mmdit": mcfg.to_diffusers()}
     if resume and ckpt.is_file():
         start, params, opt_state, ema, meta = load_checkpoint(ckpt, params, opt_state, ema)
@@ -239,12 +261,11 @@ def train(
     step_fn = _compiled_step(cfg, mcfg)
     key = jax.random.key(cfg.seed)
     log_path = out / "log.jsonl"
-    history = []
+    history = _read_log(log_path, start)
     if log_path.is_file():
-        for line in log_path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["step"] <= start:
-                history.append(rec)
+        # A run killed after logging steps past its last checkpoint (or mid-line) left records
+        # this run will log again: keep only the ones the checkpoint covers.
+        atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in history).encode())
     bar = None
     if progress:
         from tqdm import tqdm
