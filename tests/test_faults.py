@@ -325,12 +325,18 @@ def _writers(ctx, root: Path, plans: list[list[int]], max_entries, read=None):
     return puts
 
 
+def _put_order(root: Path) -> list[str]:
+    """Entry ids in the order their puts were committed (the index's change log)."""
+    con = sqlite3.connect(root / "cache" / "index.sqlite")
+    rows = con.execute("SELECT entry_id FROM changes WHERE op = 'put' ORDER BY seq").fetchall()
+    con.close()
+    return [e for (e,) in rows]
+
+
 def _interleavings(root: Path, puts) -> int:
     """How often consecutive puts in the index's change log come from different writers: the
     writers really overlapped only if this is well above the number of writers."""
-    con = sqlite3.connect(root / "cache" / "index.sqlite")
-    order = [e for (e,) in con.execute("SELECT entry_id FROM changes WHERE op='put' ORDER BY seq")]
-    con.close()
+    order = _put_order(root)
     return sum(puts[a][2] != puts[b][2] for a, b in itertools.pairwise(order))
 
 
@@ -428,8 +434,8 @@ def _replay_lru(con: sqlite3.Connection, created: dict[str, float], k: int) -> i
 def test_concurrent_eviction_keeps_the_lru_invariant(ctx, tmp_path, capsys):
     """Three processes with ``max_entries=6`` put 20 entries each at once. Each eviction, in
     the order the log records them, removes exactly the least-recently-used entries beyond the
-    limit, never the one just put; at the end 6 entries remain, whole, and no blob is orphaned
-    or missing."""
+    limit, never the one just put; at the end the 6 last-committed entries remain, whole, and no
+    blob is orphaned or missing."""
     k = 6
     plans = [[1000 * (w + 1) + i for i in range(20)] for w in range(3)]
     t0 = time.perf_counter()
@@ -445,6 +451,10 @@ def test_concurrent_eviction_keeps_the_lru_invariant(ctx, tmp_path, capsys):
         con = sqlite3.connect(tmp_path / "cache" / "index.sqlite")
         evicted = _replay_lru(con, created, k)
         con.close()
+    order = _put_order(tmp_path)
+    # entries are stamped under the write lock, so LRU order is commit order: what survives is
+    # exactly the last k puts committed, whichever process made them
+    assert sorted(ids) == sorted(order[-k:])
     assert evicted == 60 - k
     writers_left = {puts[e][2] for e in ids}
     with capsys.disabled():

@@ -21,6 +21,7 @@ path is built, so an index row cannot make the store read or delete a file elsew
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -362,11 +363,16 @@ class DiskCacheStore(AbstractCacheStore):
 
     # ------------------------------------------------------------------ writes
     def put(self, prompt, pooled, states, *, model_id, config_hash) -> str:
-        entry = _new_entry(prompt, pooled, states, model_id, config_hash, float(self._clock()))
-        tensors, metadata = entry_to_tensors(entry)
+        entry = _new_entry(prompt, pooled, states, model_id, config_hash, 0.0)  # validates
         eid = entry.entry_id
         path = self.blob_path(eid)
         with self._locked():
+            # Stamp the entry under the lock: a stamp taken before waiting for it would be older
+            # than entries other processes commit meanwhile, and LRU would evict this fresh
+            # entry first. Stamps taken here follow commit order.
+            now = float(self._clock())
+            entry = dataclasses.replace(entry, created=now, last_used=now)
+            tensors, metadata = entry_to_tensors(entry)
             save_safetensors(path, tensors, metadata)
             try:
                 sha, size = _sha256_file(path)
