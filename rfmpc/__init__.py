@@ -7,7 +7,16 @@ latents/images are NHWC.
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "load_pipeline"]
+__all__ = [
+    "Pipeline",
+    "initialize_distributed",
+    "load_pipeline",
+    "make_mesh",
+    "shard_batch",
+    "shard_params",
+]
+
+_PARALLEL = ("initialize_distributed", "make_mesh", "shard_batch", "shard_params")
 
 
 def __getattr__(name: str):
@@ -16,4 +25,8 @@ def __getattr__(name: str):
         from rfmpc import pipeline
 
         return getattr(pipeline, name)
+    if name in _PARALLEL:  # multi-device helpers (docs/parallel.md)
+        from rfmpc import parallel
+
+        return getattr(parallel, name)
     raise AttributeError(f"module 'rfmpc' has no attribute {name!r}")

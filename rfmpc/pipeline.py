@@ -244,6 +244,9 @@ class Pipeline:
         model_id: a name for this model (cache entries from another model are never used).
         default_size: default image (height, width) in pixels.
         default_steps / default_guidance: defaults for :meth:`__call__`.
+        mesh: a :class:`jax.sharding.Mesh` (``rfmpc.parallel``) the weights were placed on by
+            ``load_pipeline(..., mesh=)``; calls then split the batch over its ``"data"`` axis.
+            None (default): one device.
     """
 
     transformer: Any
@@ -255,6 +258,7 @@ class Pipeline:
     default_steps: int = 28
     default_guidance: float = 7.0
     mu: float | None = None
+    mesh: Any = None
 
     @property
     def field(self) -> ModelField:
@@ -348,6 +352,7 @@ class Pipeline:
         output_type: str = "np",
         return_states: Sequence[int] = (),
         progress: bool = False,
+        mesh: Any = None,
     ) -> PipelineOutput:
         """Generate images (diffusers' ``StableDiffusion3Pipeline.__call__`` semantics).
 
@@ -363,6 +368,11 @@ class Pipeline:
             output_type: ``"np"`` (NHWC float32 in [0, 1]), ``"pil"`` or ``"latent"``.
             return_states: steps k at which to capture the :class:`TrajectoryState` (0..N).
             progress: show a progress bar over denoising steps.
+            mesh: a ``rfmpc.parallel`` mesh (default: the pipeline's own, ``self.mesh``; None =
+                one device): the noise, the conditioning and every model call are split over
+                its ``"data"`` axis; the number of prompts must be a multiple of that axis size
+                (``ValueError`` otherwise). Weights are sharded only by ``load_pipeline(...,
+                mesh=)``; a mesh given here alone replicates them.
         """
         steps = self.default_steps if num_inference_steps is None else num_inference_steps
         g = self.default_guidance if guidance_scale is None else guidance_scale
@@ -410,7 +420,16 @@ class Pipeline:
         cond, uncond = self.encode_prompt(
             prompts, negative_prompt, max_sequence_length=max_sequence_length
         )
-        field = self.guided_field(g)
+        mesh = self.mesh if mesh is None else mesh
+        if mesh is None:
+            field = self.guided_field(g)
+        else:
+            from rfmpc.parallel import BatchShardedField, shard_batch
+
+            latents, cond, uncond = shard_batch((latents, cond, uncond), mesh)
+            # pin both the model's [uncond; cond] batch and the guided velocity to "data"
+            guided = classifier_free_guidance(BatchShardedField(self.field, mesh), g)
+            field = BatchShardedField(guided, mesh)
         sig = self.sigmas(steps)
         meta = {
             "model_id": self.model_id,
@@ -439,7 +458,13 @@ class Pipeline:
                 jax.effects_barrier()
                 _Progress.bar.close()
                 _Progress.bar = None
+        if mesh is not None:  # XLA may hand the solver loop's output back replicated: re-split
+            state = eqx.tree_at(lambda s: s.x, state, shard_batch(state.x, mesh))
         images = state.x if output_type == "latent" else self.decode(state.x)
+        if mesh is not None:
+            from rfmpc.parallel import gather
+
+            images = gather(images)  # multi-host: every process gets the whole batch
         if output_type == "pil":
             images = to_pil(images)
         elif output_type == "np":
@@ -562,8 +587,19 @@ def _load_sd3(folder: Path, index: dict, dtype) -> Pipeline:
     )
 
 
-def load_pipeline(folder: str | os.PathLike | None = None, *, dtype=jnp.float32) -> Pipeline:
-    """Load the embedded default model (``None``) or a local diffusers SD3 pipeline folder."""
+def load_pipeline(
+    folder: str | os.PathLike | None = None, *, dtype=jnp.float32, mesh: Any = None
+) -> Pipeline:
+    """Load the embedded default model (``None``) or a local diffusers SD3 pipeline folder.
+
+    ``mesh``: a :func:`rfmpc.parallel.make_mesh` mesh: the weights are placed on it (large ones
+    split over ``"fsdp"``, see :func:`rfmpc.parallel.shard_pipeline`) and calls split the batch
+    over ``"data"``. None (default): one device.
+    """
+    if mesh is not None:
+        from rfmpc.parallel import shard_pipeline
+
+        return shard_pipeline(load_pipeline(folder, dtype=dtype), mesh)
     if folder is None:
         if not (EMBEDDED_DIR / "model_index.json").is_file():
             raise FileNotFoundError(

@@ -674,6 +674,7 @@ def switch_batch(
     key: Any = None,
     final_a: Array | None = None,
     config: SwitchConfig | None = None,
+    mesh: Any = None,
     **options,
 ) -> BatchSwitchResult:
     """:func:`switch` over ``B`` prompt pairs at once with ``jax.vmap``.
@@ -682,6 +683,10 @@ def switch_batch(
     leading axis ``B``; all pairs must share the switch step and the grid. ``conds_b``,
     ``similarity``, ``noise``, ``key`` (a batch of keys) and ``final_a`` are stacked likewise.
     Returns per-pair final latents, NFE and fallback flags.
+
+    ``mesh`` (a :func:`rfmpc.parallel.make_mesh` mesh; default None = one device): the pairs are
+    split over its ``"data"`` axis (``B`` must be a multiple of its size, else ``ValueError``);
+    the field's parameters stay where they are (shard them with ``rfmpc.parallel``).
     """
     _check_method(method)
     cfg = _config(config, options)
@@ -716,6 +721,13 @@ def switch_batch(
             raise ValueError("sdedit needs key= (a batch of fresh-noise keys)")
         key = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(states_a.key)
     sim = None if similarity is None else jnp.asarray(similarity, jnp.float32)
+    cond_a = states_a.cond
+    if mesh is not None:
+        from rfmpc.parallel import shard_batch
+
+        x, noise, cond_a, conds_b, key, sim, final_a = shard_batch(
+            (x, noise, cond_a, conds_b, key, sim, final_a), mesh
+        )
 
     def plan_one(x, eps, ca, cb, kk, s, fa):
         return _plan(method, cfg, field, x, eps, sigmas, ca, cb, k, kk, s, fa, None)
@@ -725,12 +737,12 @@ def switch_batch(
 
     t0 = time.perf_counter()
     plan, nfe_plan = eqx.filter_jit(eqx.filter_vmap(plan_one))(
-        x, noise, states_a.cond, conds_b, key, sim, final_a
+        x, noise, cond_a, conds_b, key, sim, final_a
     )
     jax.block_until_ready((plan, nfe_plan))
     t1 = time.perf_counter()
     xf, nfe_exec, fallback, diag = eqx.filter_jit(eqx.filter_vmap(exec_one))(
-        plan, x, states_a.cond, conds_b
+        plan, x, cond_a, conds_b
     )
     jax.block_until_ready(xf)
     t2 = time.perf_counter()

@@ -292,6 +292,24 @@ class AbstractInverseSolver(eqx.Module):
             )
         return problem, shape
 
+    @staticmethod
+    def _place(problem: InverseProblem, key, mesh):
+        """Put ``problem`` and ``key`` on ``mesh``: the images of ``y`` and every model call split
+        over ``"data"`` (:class:`rfmpc.parallel.BatchShardedField`), the rest replicated."""
+        if mesh is None:
+            return problem, key
+        from rfmpc.parallel import BatchShardedField, replicate, shard_batch
+
+        problem = InverseProblem(
+            BatchShardedField(problem.field, mesh),
+            problem.operator,
+            shard_batch(problem.y, mesh),
+            replicate(problem.noise_std, mesh),
+            cond=replicate(problem.cond, mesh),
+            decode=problem.decode,
+        )
+        return problem, replicate(key, mesh)
+
     def __call__(
         self,
         field: Callable[[Array, Array, Any], Array],
@@ -303,6 +321,7 @@ class AbstractInverseSolver(eqx.Module):
         cond: Any = None,
         decode: Callable[[Array], Array] | None = None,
         shape: tuple[int, ...] | None = None,
+        mesh: Any = None,
     ) -> RestoreResult:
         """Restore ``x`` from ``y = operator(decode(x)) + noise``.
 
@@ -317,8 +336,13 @@ class AbstractInverseSolver(eqx.Module):
             decode: latent -> image for latent models; ``None`` for pixel-space models.
             shape: the model state's batch shape; required with ``decode``, otherwise inferred
                 from the operator (``operator.input_shape(y.shape)``).
+            mesh: a :func:`rfmpc.parallel.make_mesh` mesh (default None: one device): the images
+                are split over its ``"data"`` axis (their number must be a multiple of its size,
+                else ``ValueError``); ``cond`` is replicated; the field's parameters stay where
+                they are (shard them with ``rfmpc.parallel.shard_params``).
         """
         problem, shape = self._problem(field, operator, y, noise_std, cond, decode, shape)
+        problem, key = self._place(problem, key, mesh)
         return _run(self, problem, key, shape)
 
     def compile(
@@ -332,9 +356,11 @@ class AbstractInverseSolver(eqx.Module):
         cond: Any = None,
         decode: Callable[[Array], Array] | None = None,
         shape: tuple[int, ...] | None = None,
+        mesh: Any = None,
     ) -> CompiledSolve:
         """Compile ahead of time (same arguments as calling the solver) for timing/memory."""
         problem, shape = self._problem(field, operator, y, noise_std, cond, decode, shape)
+        problem, key = self._place(problem, key, mesh)
         t0 = time.perf_counter()
         compiled = _run.lower(self, problem, key, shape).compile()
         compile_s = time.perf_counter() - t0
@@ -345,7 +371,7 @@ class AbstractInverseSolver(eqx.Module):
                 memory[f"{name}_bytes"] = int(getattr(ma, f"{name}_size_in_bytes"))
         except Exception:  # memory analysis is optional on some backends
             memory = {}
-        return CompiledSolve(compiled, (self, problem, key, shape), compile_s, memory)
+        return CompiledSolve(compiled, (self, problem, key, shape), compile_s, memory, mesh=mesh)
 
 
 class CompiledSolve:
@@ -353,12 +379,13 @@ class CompiledSolve:
 
     ``compile_s``: compilation seconds; ``memory``: XLA's static memory analysis of the program
     (``temp_bytes`` = the scratch it needs at peak, plus argument/output/code sizes), when the
-    backend reports it.
+    backend reports it (per device when compiled for a ``mesh``); ``mesh``: the mesh it runs on
+    (None: one device).
     """
 
-    def __init__(self, compiled, args, compile_s: float, memory: dict[str, int]):
+    def __init__(self, compiled, args, compile_s: float, memory: dict[str, int], mesh=None):
         self._compiled, self._args = compiled, args
-        self.compile_s, self.memory = compile_s, memory
+        self.compile_s, self.memory, self.mesh = compile_s, memory, mesh
 
     def __call__(self) -> RestoreResult:
         return self._compiled(*self._args)
