@@ -102,7 +102,8 @@ def _validate_x(x) -> None:
             f"x must be a floating-point latent, got dtype {x.dtype}; convert it with "
             "x.astype(jnp.float32)"
         )
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    # numpy on the concrete value: jnp ops here would be staged when an outer jit is tracing
+    if not isinstance(x, jax.core.Tracer) and not np.isfinite(np.asarray(x)).all():
         raise ValueError(
             f"x (shape {x.shape}) contains NaN or inf; start from finite noise, e.g. "
             "jax.random.normal(key, shape)"
