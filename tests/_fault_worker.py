@@ -264,9 +264,12 @@ def train_child(out: str, cfg, kill_step: int, max_delay: float, seed: int) -> N
 
     random.seed(seed)
 
+    armed = []
+
     def on_log(rec):
-        if rec["step"] == kill_step:
-            threading.Timer(random.uniform(0.0, max_delay), die).start()
+        if rec["step"] >= kill_step and not armed:  # >=: a resumed run may start past it
+            armed.append(threading.Timer(random.uniform(0.0, max_delay), die))
+            armed[0].start()
 
     train(out, cfg, encoder=HashEncoder(), progress=False, on_log=on_log)
     time.sleep(60)  # finished before the timer fired: the parent sees no SIGKILL

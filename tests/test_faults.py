@@ -473,7 +473,7 @@ def test_concurrent_eviction_keeps_the_lru_invariant(ctx, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- training
 TINY = TrainConfig(
-    steps=12,
+    steps=16,
     batch_size=2,
     num_layers=1,
     num_heads=2,
@@ -499,7 +499,7 @@ def _kill_and_resume(ctx, tmp_path: Path, kill_steps: list[int], capsys) -> None
     resumed_from = []
     for k in kill_steps:
         code = _run_child(
-            ctx, W.train_child, str(run), TINY, k, 0.3, rng.randrange(2**31), timeout=600
+            ctx, W.train_child, str(run), TINY, k, 0.15, rng.randrange(2**31), timeout=600
         )
         assert code == -signal.SIGKILL, f"the training child exited with {code}"
         resumed_from.append(
