@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,45 @@ def test_slow_data_parallel_and_model_restore():
     _assert_split(f["v"], batch=8, data=4)
     # data 4 x fsdp 2: XLA splits the matmuls over "fsdp" too (~1/8 of the work per device)
     assert f["flops_sharded"] < 0.25 * f["flops_single"]
+
+
+@pytest.mark.slow
+def test_slow_two_processes():
+    """A real 2-process run on CPU (2 devices each, gloo collectives over localhost):
+    ``initialize_distributed``, global arrays built from each process's full copy, a
+    batch-sharded field with FSDP-sharded weights, an MPC-Flow restore, ``gather``."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    script = str(WORKER.with_name("_parallel_multihost.py"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(port), str(pid)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
+    res = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    for pid, r in enumerate(res):
+        assert r["info"] == {
+            "process_index": pid,
+            "process_count": 2,
+            "local_devices": 2,
+            "global_devices": 4,
+        }
+        assert r["idempotent"]
+        assert r["w_spec"] == str(P("fsdp", None))
+        assert r["w_local_shards"] == [[384, 768], [384, 768]]  # a 768x768 weight split in two
+        assert r["x_local_rows"] == [2, 2]  # batch 4 over data = 2
+        assert r["field_maxdiff"] < 1e-5
+        assert r["restore_maxdiff"] < 1e-4 and not r["restore_fully_addressable"]
