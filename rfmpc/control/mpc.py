@@ -22,8 +22,10 @@ remaining step) the controller, at step ``j`` (state ``x_j``, noise level ``sigm
    warm-started from the previous step's solution shifted by one step;
 4. applies the first control: ``x_{j+1} = x_j + h_j (v_bar + u_ff + u_0)`` (``v_bar`` is the
    command's value at ``x_j``: no extra model call). If the QP did not converge (any block at the
-   iteration cap) or produced non-finite values, ``u_0 = 0`` is applied instead -- the plain
-   blend command -- and the step is counted in ``fallback_steps``.
+   iteration cap), produced non-finite values or a first control outside the box by more than
+   ``BOX_SLACK`` (relative), ``u_0 = 0`` is applied instead -- the plain blend command -- and
+   the step is counted in ``fallback_steps`` with its reason in ``fault_codes``
+   (:data:`MPC_FAULTS`). Box violations within the slack (ADMM tolerance) are clipped.
 
 The linear model holds the Jacobian and ``v_bar`` fixed over the horizon (a local model, as in
 real-time iteration NMPC; Diehl et al. 2005); only the first control is ever applied. After the
@@ -63,6 +65,8 @@ from rfmpc.control.schedules import BlendedField, BlendSchedule, alpha_direct, b
 from rfmpc.flow.solve import integrate
 
 __all__ = [
+    "BOX_SLACK",
+    "MPC_FAULTS",
     "MPCOptions",
     "MPCPlan",
     "MPCResult",
@@ -70,6 +74,15 @@ __all__ = [
     "mpc_switch",
     "num_probes",
 ]
+
+
+#: Per-step outcome codes of an MPC step (``MPCResult.fault_codes``): every code but 0 means
+#: the QP's control was discarded and the command (``u = 0``) ran on that step.
+MPC_FAULTS = {0: "ok", 1: "qp-not-converged", 2: "non-finite", 3: "bound-violation"}
+
+#: Relative slack on the box ``|u| <= u_max`` before a converged QP's control counts as a
+#: violation (ADMM satisfies the box only to its tolerance); within it the control is clipped.
+BOX_SLACK = 0.05
 
 
 @dataclass(frozen=True)
@@ -230,7 +243,9 @@ class MPCResult(eqx.Module):
         consistency: ``(M,)`` noise-consistency error ``mean((eps_hat_B - eps_target)^2)`` at
             each MPC step's state (before its control).
         qp_iterations: ``(M,)`` max ADMM iterations over blocks per step.
-        qp_converged: ``(M,)`` whether each step's QP converged.
+        qp_converged: ``(M,)`` whether each step's QP control was used (converged, finite and
+            inside the box).
+        fault_codes: ``(M,)`` per-step outcome, a key of :data:`MPC_FAULTS` (0 = ok).
         fallback_steps: number of steps where the blend command (u = 0) was applied instead.
         nfe: model calls (forward + JVP probes) of the whole rollout.
         mpc_steps: M (static).
@@ -241,6 +256,7 @@ class MPCResult(eqx.Module):
     consistency: Float[Array, " m"]
     qp_iterations: Int[Array, " m"]
     qp_converged: Bool[Array, " m"]
+    fault_codes: Int[Array, " m"]
     fallback_steps: Int[Array, ""]
     nfe: Int[Array, ""]
     mpc_steps: int = eqx.field(static=True)
@@ -330,10 +346,14 @@ def _mpc_step(ctx: _Ctx, opts: MPCOptions, j, x, u_prev, warm: QPResult | None):
     )
     sol = solve_block_qp(qp, opts.qp, warm)
     u0 = sol.u[:, 0, :].reshape(x.shape)
-    ok = sol.converged & jnp.all(jnp.isfinite(u0))
-    u0 = jnp.where(ok, u0, 0.0)
+    u_max = jnp.asarray(opts.u_max, dtype)
+    finite = jnp.all(jnp.isfinite(sol.u)) & jnp.all(jnp.isfinite(jac))
+    inside = jnp.max(jnp.abs(u0)) <= u_max * (1 + BOX_SLACK)
+    code = jnp.where(~finite, 2, jnp.where(~sol.converged, 1, jnp.where(~inside, 3, 0)))
+    ok = code == 0
+    u0 = jnp.where(ok, jnp.clip(u0, -u_max, u_max), 0.0)
     x_next = x + h[0] * (v_bar + u_ff[0] + u0)
-    info = (consistency, jnp.max(sol.iterations), ok)
+    info = (consistency, jnp.max(sol.iterations), ok, code.astype(jnp.int32))
     return x_next, u0, info, sol
 
 
@@ -355,7 +375,7 @@ def _zero_qp(x: Array, n_p: int) -> QPResult:
 def _mpc_scan(ctx: _Ctx, opts: MPCOptions, x, j0: int, j1: int, carry_qp=None, u_prev=None):
     """MPC on grid steps ``j0 .. j1 - 1`` (static range, ``j1 > j0``).
 
-    Returns ``(x, (u0s, (consistency, qp_iters, ok), nfe), last_qp, u_prev)``.
+    Returns ``(x, (u0s, (consistency, qp_iters, ok, fault_code), nfe), last_qp, u_prev)``.
     """
     probes = num_probes(x.shape, opts.stride)
     u_prev = jnp.zeros_like(x) if u_prev is None else u_prev
@@ -432,7 +452,7 @@ def _mpc_run(ctx: _Ctx, x, start: int, opts: MPCOptions) -> MPCResult:
     n = ctx.alpha.shape[0]
     stop = n if opts.control_steps is None else min(n, start + opts.control_steps)
     xm, outs, _, _ = _mpc_scan(ctx, opts, x, start, stop)
-    u, (cons, iters, ok), nfe = outs
+    u, (cons, iters, ok, codes), nfe = outs
     xf, tail_nfe = _plain_tail(ctx, xm, stop)
     return MPCResult(
         x=xf,
@@ -440,6 +460,7 @@ def _mpc_run(ctx: _Ctx, x, start: int, opts: MPCOptions) -> MPCResult:
         consistency=cons,
         qp_iterations=iters,
         qp_converged=ok,
+        fault_codes=codes,
         fallback_steps=jnp.sum(~ok).astype(jnp.int32),
         nfe=jnp.sum(nfe).astype(jnp.int32) + tail_nfe,
         mpc_steps=stop - start,

@@ -79,7 +79,7 @@ __all__ = [
 ]
 
 #: Status codes of a :class:`ShootingResult`.
-SHOOTING_STATUS = {0: "converged", 1: "max-iter", 2: "non-finite"}
+SHOOTING_STATUS = {0: "converged", 1: "max-iter", 2: "non-finite", 3: "diverged"}
 
 
 def implied_noise(field, x: Array, sigma, cond) -> Array:
@@ -118,6 +118,11 @@ class ShootingOptions:
         num_segments: multiple shooting's segment count.
         penalty, penalty_growth, outer_iters: augmented-Lagrangian ``rho``, its growth factor per
             outer iteration and the number of outer (multiplier) iterations.
+        divergence_ratio: the optimisation is declared *diverged* (status 3, stopped) when an
+            iterate's objective exceeds ``divergence_ratio`` times the initial guess's.
+        max_control: a plan whose largest control magnitude (velocity units) exceeds this is
+            treated as blown up: :func:`rfmpc.control.switch.switch` discards it and runs the
+            command instead (recorded as a fallback). Velocities of the models here are O(1-10).
     """
 
     horizon: int | None = 3
@@ -136,6 +141,8 @@ class ShootingOptions:
     penalty: float = 100.0
     penalty_growth: float = 10.0
     outer_iters: int = 3
+    divergence_ratio: float = 1e3
+    max_control: float = 100.0
 
     def __post_init__(self):
         if self.horizon is not None and (not isinstance(self.horizon, int) or self.horizon < 1):
@@ -149,6 +156,10 @@ class ShootingOptions:
         for name in ("effort_weight", "smoothness_weight", "terminal_weight", "penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.divergence_ratio > 1:
+            raise ValueError(f"divergence_ratio must be > 1, got {self.divergence_ratio}")
+        if not self.max_control > 0:
+            raise ValueError(f"max_control must be > 0, got {self.max_control}")
 
     def make_optimizer(self, num_iters: int) -> optax.GradientTransformation:
         """The optax optimiser; the step size decays (cosine) to ``lr_final`` times its start
@@ -173,7 +184,10 @@ class ShootingResult(eqx.Module):
         iterations: optimiser iterations run.
         defect: max absolute continuity defect between segments (0 for single shooting).
         nfe_forward, nfe_backward, nfe: model calls (forward, VJP, total).
-        status: 0 converged (early stop), 1 max-iter, 2 non-finite objective (best finite kept).
+        status: 0 converged (early stop), 1 max-iter, 2 non-finite objective or gradient, 3
+            diverged (objective above ``divergence_ratio`` times the initial one); on 2 and 3
+            the loop stops and the best finite iterate is kept (:func:`rfmpc.control.switch.switch`
+            discards such a plan and runs the command instead).
         horizon, start: static.
     """
 
@@ -295,6 +309,9 @@ def _eval_nfe(prob: _Problem, start: int, H: int, opts: ShootingOptions) -> Arra
 def _optimise(loss_fn, params0, opts: ShootingOptions, max_iter: int):
     """Minimise ``loss_fn(params) -> (J, aux)`` with optax; early stop; keep the best iterate.
 
+    Stops on a non-finite objective or gradient (status 2) and when the objective exceeds
+    ``divergence_ratio`` times the first one (status 3: an unstable step size).
+
     Returns ``(best_params, best_J, best_aux, history (max_iter,), iterations, status)``.
     """
     opt = opts.make_optimizer(max_iter)
@@ -304,15 +321,18 @@ def _optimise(loss_fn, params0, opts: ShootingOptions, max_iter: int):
     zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
 
     def cond(c):
-        it, _, _, _, _, _, _, stall, _, ok = c
-        return (it < max_iter) & (stall < opts.patience) & ok
+        it, _, _, _, _, _, _, stall, _, fault, _ = c
+        return (it < max_iter) & (stall < opts.patience) & (fault == 0)
 
     def body(c):
-        it, p, ost, best_p, best_j, best_aux, j_prev, stall, hist, _ = c
+        it, p, ost, best_p, best_j, best_aux, j_prev, stall, hist, _, j_first = c
         (j, aux), g = vg(p)
         finite = jnp.isfinite(j) & jnp.all(
             jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)])
         )
+        j_first = jnp.where(it == 0, j, j_first)
+        diverged = finite & (j > opts.divergence_ratio * jnp.maximum(j_first, 0.0))
+        fault = jnp.where(~finite, 2, jnp.where(diverged, 3, 0)).astype(jnp.int32)
         better = finite & (j < best_j)
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
         best_p, best_aux = pick(p, best_p), pick(aux, best_aux)
@@ -322,7 +342,7 @@ def _optimise(loss_fn, params0, opts: ShootingOptions, max_iter: int):
         stall = jnp.where(rel < opts.rtol, stall + 1, 0)
         upd, ost = opt.update(g, ost, p)
         p = optax.apply_updates(p, upd)
-        return it + 1, p, ost, best_p, best_j, best_aux, j, stall, hist, finite
+        return it + 1, p, ost, best_p, best_j, best_aux, j, stall, hist, fault, j_first
 
     init = (
         jnp.int32(0),
@@ -334,10 +354,13 @@ def _optimise(loss_fn, params0, opts: ShootingOptions, max_iter: int):
         jnp.asarray(jnp.inf, dtype),
         jnp.int32(0),
         jnp.full((max_iter,), jnp.nan, dtype),
-        jnp.bool_(True),
+        jnp.int32(0),
+        jnp.asarray(jnp.inf, dtype),
     )
-    it, _, _, best_p, best_j, best_aux, _, stall, hist, ok = jax.lax.while_loop(cond, body, init)
-    status = jnp.where(~ok, 2, jnp.where(stall >= opts.patience, 0, 1)).astype(jnp.int32)
+    out = jax.lax.while_loop(cond, body, init)
+    it, _, _, best_p, best_j, best_aux, _, stall, hist, fault, _ = out
+    status = jnp.where(fault > 0, fault, jnp.where(stall >= opts.patience, 0, 1))
+    status = status.astype(jnp.int32)
     return best_p, best_j, best_aux, hist, it, status
 
 
@@ -550,7 +573,7 @@ def _multiple(prob, x, init, start, H, opts):
         params, _, (xs_next, d), hist, it, st = _optimise(
             lambda p: loss(p, mu, rho), params, opts, inner
         )
-        # status: non-finite anywhere wins, then max-iter over converged
+        # status: diverged / non-finite anywhere wins, then max-iter over converged
         carry = (params, mu + rho * d, rho * opts.penalty_growth, its + it, jnp.maximum(status, st))
         return carry, (hist, xs_next, d)
 

@@ -57,6 +57,17 @@ backward passes), planning included. ``planning_s`` is the wall time of the plan
 (similarity, re-projection, A's finish for SDEdit, shooting); MPC computes its controls inside
 the rollout, so its cost shows in ``wall_s``. Timings include compilation on a first call.
 
+Numerical faults never return silently. A shooting plan whose optimisation hit a non-finite
+objective or gradient, diverged (objective above ``divergence_ratio`` times the initial one) or
+whose controls are non-finite or larger than ``shooting.max_control`` is discarded and the
+command runs instead (``u = 0``); an MPC step whose QP did not converge, was non-finite or whose
+control left the box ``|u| <= u_max`` applies the command on that step (per-step codes in
+``diagnostics["fault_codes"]``, counts in ``diagnostics["fallback_counts"]``). If a controlled
+rollout still ends non-finite, the plain command is re-run from the cached state and returned.
+Each of these sets ``SwitchResult.fallback`` and says why in ``fallback_reason``. If the plain
+command itself is non-finite (the field returns NaN/inf for B), no safe result exists and
+:func:`switch` raises ``FloatingPointError`` naming the first bad grid step.
+
 All methods are jit-compiled and can run batched over several prompt pairs with
 :func:`switch_batch` (``jax.vmap``; with ``vmap`` the data-dependent branches of
 ``shooting-mpc`` -- re-plan or not -- run both sides).
@@ -77,6 +88,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from rfmpc.control.mpc import (
+    MPC_FAULTS,
     MPCOptions,
     MPCPlan,
     _Ctx,
@@ -105,7 +117,7 @@ from rfmpc.control.shooting import (
     resolve_horizon,
 )
 from rfmpc.flow.schedule import flowmatch_sigmas
-from rfmpc.flow.solve import integrate
+from rfmpc.flow.solve import integrate, integrate_path
 from rfmpc.flow.state import TrajectoryState
 
 __all__ = [
@@ -184,8 +196,10 @@ class SwitchResult:
         nfe: model evaluations in total (planning included).
         planning_s: wall time of the planning stage (see the module docstring).
         wall_s: wall time of the whole switch (planning + rollout).
-        fallback: whether a controller fell back to the blend command somewhere.
-        fallback_reason: why (None when no fallback).
+        fallback: whether a controller fell back to the (blend) command somewhere: a discarded
+            shooting plan, MPC steps without a usable QP control, or a non-finite controlled
+            rollout replaced by the command's (see the module docstring).
+        fallback_reason: why, in words (None when no fallback).
         diagnostics: method-specific arrays and numbers (objective history, defect, QP stats...).
     """
 
@@ -305,12 +319,14 @@ def _execute(method, cfg, field, plan, x, sigmas, cond_a, cond_b, k):
         nfe = blend_nfe(alpha, k, n, cfg.blend_mode)
     elif method in ("shooting", "multiple-shooting"):
         res = plan["shooting"]
-        bad = res.status == 2
+        fault, peak = _plan_fault(res, cfg.shooting.max_control)
+        bad = fault > 0
         u = jnp.zeros((n - k, *x.shape), x.dtype).at[: res.horizon].set(res.controls)
         u = jnp.where(bad, 0.0, u)
         xf = integrate(bf, x, sig, sched, control=u, start=k).x
         nfe = blend_nfe(alpha, k, n, cfg.blend_mode)
         fallback = bad
+        diag.update(shooting_fault=fault, shooting_peak_control=peak)
     elif method == "mpc":
         empty = MPCPlan.empty(x, n)
         ctx = _Ctx(field, sig, cond_a, cond_b, alpha, plan["target"], empty, cfg.blend_mode, binary)
@@ -319,17 +335,43 @@ def _execute(method, cfg, field, plan, x, sigmas, cond_a, cond_b, k):
         fallback = res.fallback_steps > 0
         diag.update(
             fallback_steps=res.fallback_steps,
+            fault_codes=res.fault_codes,
             qp_iterations=res.qp_iterations,
             consistency=res.consistency,
             control_rms=jnp.sqrt(jnp.mean(res.controls**2, axis=tuple(range(1, x.ndim + 1)))),
         )
     elif method == "shooting-mpc":
         xf, nfe, d = _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary)
-        fallback = d["fallback_steps"] > 0
+        fallback = (
+            (d["fallback_steps"] > 0) | (d["shooting_fault"] > 0) | (d["rejected_replans"] > 0)
+        )
         diag.update(d)
     else:  # pragma: no cover - guarded by switch()
         raise ValueError(method)
     return xf, nfe, fallback, diag
+
+
+#: Why a shooting plan was discarded (``diagnostics["shooting_fault"]``); 2 and 3 are the
+#: optimiser's own statuses (:data:`rfmpc.control.shooting.SHOOTING_STATUS`).
+PLAN_FAULTS = {
+    0: "ok",
+    2: "the shooting objective or its gradient became non-finite",
+    3: "the shooting objective diverged (rose above divergence_ratio times its initial value)",
+    4: "the planned controls exceeded max_control",
+    5: "the planned controls were non-finite",
+}
+
+
+def _plan_fault(res, max_control: float):
+    """``(fault code, peak |u|)`` of a shooting plan: nonzero = discard it (:data:`PLAN_FAULTS`)."""
+    u = res.controls
+    peak = jnp.max(jnp.abs(u))
+    fault = jnp.where(
+        res.status >= 2,
+        res.status,
+        jnp.where(~jnp.all(jnp.isfinite(u)), 5, jnp.where(peak > max_control, 4, 0)),
+    )
+    return fault.astype(jnp.int32), peak
 
 
 def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary):
@@ -342,7 +384,10 @@ def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary):
     opts, sopts = cfg.mpc, cfg.shooting
     alpha, target = plan["alpha"], plan["target"]
     res0 = plan["shooting"]
+    fault0, _ = _plan_fault(res0, sopts.max_control)
     mplan = MPCPlan.from_shooting(x, n, k, res0.controls, res0.path)
+    # a discarded plan: track nothing (MPC on its window, the command elsewhere)
+    mplan = jax.tree.map(lambda e, p: jnp.where(fault0 > 0, e, p), MPCPlan.empty(x, n), mplan)
     h_r = min(res0.horizon, n - k)  # re-plan horizon (static): re-plans only where it fits
     probes = num_probes(x.shape, opts.stride)
     window = n - k if opts.control_steps is None else opts.control_steps
@@ -370,12 +415,14 @@ def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary):
         u = jax.lax.dynamic_update_slice_in_dim(u, r.controls, j, 0)
         xs = jax.lax.dynamic_update_slice_in_dim(p.x, r.path[1:], j + 1, 0)
         mask = keep | ((idx > j) & (idx <= j + h_r))
-        return MPCPlan(u=u, x=xs, mask=mask), r.nfe
+        new = MPCPlan(u=u, x=xs, mask=mask)
+        bad = _plan_fault(r, sopts.max_control)[0] > 0  # keep the old plan, count the rejection
+        return jax.tree.map(lambda o, q: jnp.where(bad, o, q), p, new), r.nfe, bad
 
     err0 = consistency(x, k) if cfg.replan_on == "consistency" else jnp.zeros((), x.dtype)
 
     def body(c, j):
-        z, u_prev, prev, p, e0, replans, extra = c
+        z, u_prev, prev, p, e0, replans, extra, rejected = c
         check = ((j - k) % cfg.replan_every == 0) & (j > k) & (j + h_r <= n)
         check = check & (replans < cfg.max_replans)
         err = jax.lax.cond(check, lambda: error(z, j, p), lambda: jnp.zeros((), z.dtype))
@@ -384,7 +431,10 @@ def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary):
             extra = extra + check.astype(jnp.int32)
         else:
             do = check & (err > cfg.replan_tol)
-        p, r_nfe = jax.lax.cond(do, lambda: replan(z, j, p), lambda: (p, jnp.int32(0)))
+        p, r_nfe, bad = jax.lax.cond(
+            do, lambda: replan(z, j, p), lambda: (p, jnp.int32(0), jnp.bool_(False))
+        )
+        rejected = rejected + bad.astype(jnp.int32)
         e0 = jnp.where(do, err, e0)
         extra = extra + r_nfe
         ctx = _Ctx(field, sig, cond_a, cond_b, alpha, target, p, cfg.blend_mode, binary)
@@ -399,13 +449,13 @@ def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary):
         def plain_branch():  # outside the control window and the plan: command + feed-forward
             v = bf(z, sig[j], (cond_a, cond_b, alpha[j]))
             z1 = z + (sig[j + 1] - sig[j]) * (v + p.u[j])
-            info = (jnp.full((), jnp.nan, z.dtype), jnp.int32(0), jnp.bool_(True))
+            info = (jnp.full((), jnp.nan, z.dtype), jnp.int32(0), jnp.bool_(True), jnp.int32(0))
             one = jnp.where((alpha[j] > 0) & (alpha[j] < 1) & (cfg.blend_mode == "velocity"), 2, 1)
             return z1, jnp.zeros_like(z), info, prev, one.astype(jnp.int32)
 
         active = (j < k + window) | p.mask[j + 1]
         z1, u0, info, sol, step_nfe = jax.lax.cond(active, mpc_branch, plain_branch)
-        carry = (z1, u0, sol, p, e0, replans + do.astype(jnp.int32), extra)
+        carry = (z1, u0, sol, p, e0, replans + do.astype(jnp.int32), extra, rejected)
         return carry, (info, step_nfe, do)
 
     first = 1 if cfg.replan_on == "consistency" else 0  # err0's model call
@@ -417,12 +467,17 @@ def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary):
         err0,
         jnp.int32(0),
         jnp.int32(first),
+        jnp.int32(0),
     )
-    (xf, _, _, _, _, replans, extra), ((cons, iters, ok), nfe_steps, did) = jax.lax.scan(
+    (xf, _, _, _, _, replans, extra, rejected), outs = jax.lax.scan(
         body, init, jnp.arange(k, n, dtype=jnp.int32)
     )
+    (cons, iters, ok, codes), nfe_steps, did = outs
     diag = dict(
         fallback_steps=jnp.sum(~ok).astype(jnp.int32),
+        fault_codes=codes,
+        shooting_fault=fault0,
+        rejected_replans=rejected,
         qp_iterations=iters,
         consistency=cons,
         replans=replans,
@@ -537,19 +592,85 @@ def _step_of(state: TrajectoryState) -> int:
         raise ValueError("state.step is traced; call switch outside jit") from e
 
 
-def _reasons(method: str, cfg: SwitchConfig, diag: dict, status) -> str | None:
-    if method in ("mpc", "shooting-mpc"):
-        nf = int(diag["fallback_steps"])
-        if nf == 0:
-            return None
-        return (
-            f"the MPC QP did not converge (or was non-finite) on {nf} of "
-            f"{len(diag['qp_iterations'])} steps (qp maxiter={cfg.mpc.qp.maxiter}, "
-            f"tol={cfg.mpc.qp.tol}); the blend command (u = 0) was applied on those steps"
+def _fallback_counts(diag: dict) -> dict[str, int]:
+    """Per-reason counts of MPC steps that applied the command (:data:`MPC_FAULTS`)."""
+    codes = np.asarray(diag["fault_codes"]).reshape(-1)
+    return {name: int(np.sum(codes == c)) for c, name in MPC_FAULTS.items() if c != 0}
+
+
+def _reasons(method: str, cfg: SwitchConfig, diag: dict) -> str | None:
+    """The fallbacks of one switch, in words (None when there were none)."""
+    out = []
+    fault = int(diag.get("shooting_fault", 0))
+    if fault:
+        out.append(
+            f"{PLAN_FAULTS[fault]} (shooting status {diag.get('shooting_status')}, peak |u| "
+            f"{float(diag.get('shooting_peak_control', np.nan)):.3g}, max_control "
+            f"{cfg.shooting.max_control}); the plan was discarded and the {cfg.command} command "
+            "(u = 0) ran instead"
         )
-    if method in ("shooting", "multiple-shooting") and status == 2:
-        return "the shooting objective was non-finite from the start; ran the blend command"
-    return None
+    if int(diag.get("rejected_replans", 0)):
+        out.append(
+            f"{int(diag['rejected_replans'])} re-plan(s) failed (non-finite, diverged or "
+            "controls above max_control) and were discarded; the previous plan was kept"
+        )
+    if method in ("mpc", "shooting-mpc") and int(diag["fallback_steps"]):
+        counts = diag["fallback_counts"]
+        total = len(diag["qp_iterations"])
+        what = {
+            "qp-not-converged": f"the MPC QP did not converge (qp maxiter={cfg.mpc.qp.maxiter}, "
+            f"tol={cfg.mpc.qp.tol})",
+            "non-finite": "the MPC QP or linearisation was non-finite",
+            "bound-violation": f"the MPC control left the box |u| <= u_max={cfg.mpc.u_max}",
+        }
+        parts = [f"{what[name]} on {c} of {total} steps" for name, c in counts.items() if c]
+        out.append(
+            "; ".join(parts) + f"; the {cfg.command} command (u = 0) was applied on those steps"
+        )
+    if diag.get("nonfinite_rollout"):
+        out.append(
+            f"the {method} rollout ended non-finite; the plain {diag['nonfinite_rollout']} "
+            "command was re-run from the cached state and its result returned"
+        )
+    return "; ".join(out) if out else None
+
+
+def _safe_method(method: str, cfg: SwitchConfig) -> str | None:
+    """The uncontrolled method a non-finite result falls back to (None: it is already that)."""
+    if method in ("direct", "blend", "adaptive"):
+        return None
+    if method in ("reproject", "sdedit"):
+        return "direct"
+    return _command(method, cfg)
+
+
+def _first_nonfinite_step(field, cfg, cmd, alpha, x, sigmas, cond_a, cond_b, k) -> int | None:
+    """The first grid step whose end state is non-finite under the plain command ``cmd`` from
+    ``x`` (``k - 1``: ``x`` itself; None: the path is finite)."""
+    sig = sigmas.astype(x.dtype)
+    bf = BlendedField(field, cfg.blend_mode, cmd == "direct")
+    _, xs = integrate_path(bf, x, sig, BlendSchedule(cond_a, cond_b, alpha), start=k)
+    bad = ~np.isfinite(np.asarray(xs)).reshape(xs.shape[0], -1).all(axis=1)
+    return k + int(np.argmax(bad)) - 1 if bad.any() else None
+
+
+def _raise_nonfinite(method, cmd, field, cfg, plan, x, sigmas, cond_a, cond_b, k):
+    j = _first_nonfinite_step(field, cfg, cmd, plan["alpha"], x, sigmas, cond_a, cond_b, k)
+    sig = np.asarray(sigmas)
+    if j is None:
+        where = f"the {method!r} result was non-finite"
+    elif j < k:
+        where = "the cached state x is non-finite"
+    else:
+        where = (
+            f"grid step {j} (sigma {sig[j]:.4g} -> {sig[j + 1]:.4g}) of {len(sig) - 1} "
+            "produced non-finite values"
+        )
+    raise FloatingPointError(
+        f"switch(method={method!r}): {where} under the plain {cmd!r} command, so there is no "
+        "safe result to fall back to; the velocity field returns NaN/inf for this state or "
+        "conditioning (check cond_b and the model at that noise level)"
+    )
 
 
 def switch(
@@ -613,8 +734,23 @@ def switch(
         method, cfg, field, plan, x, state_a.sigmas, state_a.cond, cond_b, k
     )
     jax.block_until_ready(xf)
-    t2 = time.perf_counter()
     diag = dict(diag)
+    if not bool(jnp.all(jnp.isfinite(xf))):
+        safe = _safe_method(method, cfg)
+        cmd = safe or _command(method, cfg)
+        if safe is not None:
+            safe_plan = dict(plan, x_start=x)  # from the cached state, not a planned start
+            xf, nfe_safe, _, _ = _execute(
+                safe, cfg, field, safe_plan, x, state_a.sigmas, state_a.cond, cond_b, k
+            )
+            nfe_exec = nfe_exec + nfe_safe
+            diag["nonfinite_rollout"] = safe
+        if safe is None or not bool(jnp.all(jnp.isfinite(xf))):
+            _raise_nonfinite(
+                method, cmd, field, cfg, plan, x, state_a.sigmas, state_a.cond, cond_b, k
+            )
+        fallback = True
+    t2 = time.perf_counter()
     status = None
     if "shooting" in plan:
         r = plan["shooting"]
@@ -632,6 +768,8 @@ def switch(
             diag[name] = plan[name]
     diag["noise_target"] = cfg.noise_target
     diag["planning_nfe"] = int(nfe_plan)
+    if "fault_codes" in diag:
+        diag["fallback_counts"] = _fallback_counts(diag)
     final = TrajectoryState(
         x=xf, step=n, sigmas=state_a.sigmas, key=state_a.key, cond=cond_b, meta=state_a.meta
     )
@@ -642,7 +780,7 @@ def switch(
         planning_s=t1 - t0,
         wall_s=t2 - t0,
         fallback=bool(fallback),
-        fallback_reason=_reasons(method, cfg, diag, status) if bool(fallback) else None,
+        fallback_reason=_reasons(method, cfg, diag) if bool(fallback) else None,
         diagnostics=diag,
     )
 
