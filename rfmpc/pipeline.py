@@ -15,6 +15,11 @@ codec decodes latents to images. The SD3 prompt encoding mirrors diffusers exact
 CLIP-G penultimate hidden states concatenated on the feature axis and zero-padded to the T5
 width, followed on the sequence axis by T5's states (zeros if T5 is absent), and the two pooled
 projections concatenated.
+
+Numerical faults: a pipeline call never returns a NaN image. If the model produces NaN/inf
+latents, :meth:`Pipeline.__call__` raises ``FloatingPointError`` naming the first bad denoising
+step, its sigma and the prompts (the failing segment is re-run step by step to locate it, so
+the cost is paid on failure only).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from rfmpc.flow import (
     classifier_free_guidance,
     flowmatch_sigmas,
     integrate,
+    integrate_path,
 )
 
 __all__ = [
@@ -450,7 +456,10 @@ class Pipeline:
         try:
             for k in [*ks, steps]:
                 if k > int(state.step):
+                    start_state = state
                     state = integrate(run_field, state, stop=k)
+                    if not bool(jnp.all(jnp.isfinite(state.x))):
+                        _raise_nonfinite(field, start_state, k, prompts)
                 if k in ks:
                     states[k] = state
         finally:
@@ -470,6 +479,30 @@ class Pipeline:
         elif output_type == "np":
             images = np.asarray(images, np.float32)
         return PipelineOutput(images=images, latents=state.x, states=states, sigmas=sig)
+
+
+def _raise_nonfinite(field, start: TrajectoryState, stop: int, prompts: list[str]):
+    """Locate the first denoising step (and images) with non-finite latents and raise.
+
+    Called only after a segment ended non-finite: re-runs that segment step by step (the cost
+    is paid on failure only) so the error names the step, its sigma and the prompts.
+    """
+    k0 = int(start.step)
+    if not bool(jnp.all(jnp.isfinite(start.x))):
+        step, bad = k0, ~jnp.all(jnp.isfinite(start.x).reshape(start.x.shape[0], -1), axis=1)
+    else:
+        _, xs = integrate_path(field, start, stop=stop)
+        ok = np.isfinite(np.asarray(xs)).reshape(xs.shape[0], xs.shape[1], -1).all(axis=2)
+        first = int(np.argmax(~ok.all(axis=1)))  # xs[first] is the first non-finite state
+        step, bad = k0 + first - 1, ~ok[first]
+    sig = np.asarray(start.sigmas)
+    which = [f"{int(i)}: {prompts[int(i)]!r}" for i in np.nonzero(np.asarray(bad))[0]]
+    raise FloatingPointError(
+        f"denoising step {step} of {len(sig) - 1} (sigma {sig[step]:.4g} -> {sig[step + 1]:.4g}) "
+        f"produced NaN/inf latents for prompt(s) {', '.join(which)}: the model's velocity is "
+        "non-finite there, so no image is returned (try float32 instead of bf16/fp16 weights, a "
+        "lower guidance_scale, or check the checkpoint)"
+    )
 
 
 def _as_list(prompt, name: str) -> list[str]:

@@ -35,6 +35,7 @@ __all__ = [
     "RestoreResult",
     "euler_rollout",
     "minimize",
+    "minimize_counted",
 ]
 
 
@@ -96,6 +97,9 @@ class InnerSolver(eqx.Module):
     """The optax optimiser of an inner (sub-)problem.
 
     ``optimizer="adam"``: ``iters`` Adam steps of learning rate ``lr`` (one value-and-grad each).
+    ``divergence_ratio``: an iterate whose loss exceeds the first one's by this factor (times
+    ``max(|loss_0|, 1e-30)``) counts as diverged and is rejected like a non-finite one
+    (:func:`minimize`).
     ``optimizer="lbfgs"``: ``iters`` L-BFGS iterations (memory ``memory``) with a zoom line
     search of at most ``linesearch_steps`` evaluations; the evaluations it actually spends are
     counted. Note that L-BFGS couples the images of a batch (one line search for the summed
@@ -107,6 +111,7 @@ class InnerSolver(eqx.Module):
     lr: float = eqx.field(static=True, default=0.05)
     memory: int = eqx.field(static=True, default=10)
     linesearch_steps: int = eqx.field(static=True, default=10)
+    divergence_ratio: float = eqx.field(static=True, default=1e3)
 
     def __check_init__(self):
         if self.optimizer not in ("adam", "lbfgs"):
@@ -115,6 +120,8 @@ class InnerSolver(eqx.Module):
             raise ValueError(f"iters must be >= 0, got {self.iters}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.divergence_ratio > 1:
+            raise ValueError(f"divergence_ratio must be > 1, got {self.divergence_ratio}")
 
 
 def minimize(
@@ -124,39 +131,84 @@ def minimize(
 
     ``evaluations`` counts calls of ``value_and_grad(loss)`` (each one forward and one backward
     pass of whatever ``loss`` contains). Runs in a ``lax.fori_loop`` (jit-able, static length).
+    Safeguarded: an iteration whose value or gradient is non-finite, or whose value exceeds
+    the first value by ``inner.divergence_ratio`` (a diverging step size), is rejected -- the
+    parameters go back to the last iterate with a finite value and gradient, the optimiser
+    state is not updated -- and if any iteration was rejected that last finite iterate is
+    returned, so a NaN in the loss never reaches the returned parameters (the returned update
+    of a fully finite run is, as before, the step after the last evaluation).
+    :func:`minimize_counted` also returns how many iterations were rejected.
     """
+    p, n, v, _ = minimize_counted(loss, params, inner)
+    return p, n, v
+
+
+def _all_finite(tree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _keep_if(ok, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def _acceptable(i, v, g, v_first, ratio: float):
+    """``(ok, v_first)``: finite value and gradient, and no divergence from the first value."""
+    v_first = jnp.where(i == 0, v, v_first).astype(v_first.dtype)
+    bound = v_first + ratio * jnp.maximum(jnp.abs(v_first), 1e-30)
+    ok = jnp.isfinite(v) & _all_finite(g) & ~(v > bound)
+    return ok, v_first
+
+
+def minimize_counted(
+    loss: Callable[[Any], Array], params: Any, inner: InnerSolver
+) -> tuple[Any, Int[Array, ""], Array, Int[Array, ""]]:
+    """:func:`minimize`, also returning the number of rejected (non-finite) iterations."""
     if inner.iters == 0:
-        return params, jnp.int32(0), loss(params)
+        return params, jnp.int32(0), loss(params), jnp.int32(0)
     if inner.optimizer == "adam":
         opt = optax.adam(inner.lr)
         vg = jax.value_and_grad(loss)
 
-        def body(_, carry):
-            p, st, _v = carry
+        def body(i, carry):
+            p, st, good, v_last, bad, v_first = carry
             v, g = vg(p)
-            upd, st = opt.update(g, st, p)
-            return optax.apply_updates(p, upd), st, v
+            ok, v_first = _acceptable(i, v, g, v_first, inner.divergence_ratio)
+            good = _keep_if(ok, p, good)
+            upd, st_new = opt.update(g, st, p)
+            p_new = optax.apply_updates(p, upd)
+            v_last = jnp.where(ok, v, v_last).astype(v_last.dtype)
+            p, st = _keep_if(ok, p_new, good), _keep_if(ok, st_new, st)
+            return p, st, good, v_last, bad + ~ok, v_first
 
-        p, _, v = jax.lax.fori_loop(
-            0, inner.iters, body, (params, opt.init(params), jnp.zeros((), jnp.float32))
-        )
-        return p, jnp.int32(inner.iters), v
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        init = (params, opt.init(params), params, nan, jnp.int32(0), nan)
+        p, _, good, v, bad, _ = jax.lax.fori_loop(0, inner.iters, body, init)
+        return _keep_if(bad > 0, good, p), jnp.int32(inner.iters), v, bad
     opt = optax.lbfgs(
         memory_size=inner.memory,
         linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=inner.linesearch_steps),
     )
     vg = optax.value_and_grad_from_state(loss)
 
-    def body_l(_, carry):
-        p, st, n, _v = carry
+    def body_l(i, carry):
+        p, st, good, n, v_last, bad, v_first = carry
         v, g = vg(p, state=st)
-        upd, st = opt.update(g, st, p, value=v, grad=g, value_fn=loss)
-        n = n + optax.tree_utils.tree_get(st, "num_linesearch_steps")
-        return optax.apply_updates(p, upd), st, n, v
+        ok, v_first = _acceptable(i, v, g, v_first, inner.divergence_ratio)
+        good = _keep_if(ok, p, good)
+        upd, st_new = opt.update(g, st, p, value=v, grad=g, value_fn=loss)
+        n = n + optax.tree_utils.tree_get(st_new, "num_linesearch_steps")
+        p_new = optax.apply_updates(p, upd)
+        ok_next = ok & _all_finite(p_new)  # the line search may have stepped into NaN
+        bad = bad + ~ok_next
+        v_last = jnp.where(ok, v, v_last).astype(v_last.dtype)
+        p, st = _keep_if(ok_next, p_new, good), _keep_if(ok_next, st_new, st)
+        return p, st, good, n, v_last, bad, v_first
 
-    init = (params, opt.init(params), jnp.int32(1), jnp.zeros((), jnp.float32))
-    p, _, n, v = jax.lax.fori_loop(0, inner.iters, body_l, init)
-    return p, n.astype(jnp.int32), v
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    init = (params, opt.init(params), params, jnp.int32(1), nan, jnp.int32(0), nan)
+    p, _, good, n, v, bad, _ = jax.lax.fori_loop(0, inner.iters, body_l, init)
+    return _keep_if(bad > 0, good, p), n.astype(jnp.int32), v, bad
 
 
 def euler_rollout(
@@ -343,7 +395,7 @@ class AbstractInverseSolver(eqx.Module):
         """
         problem, shape = self._problem(field, operator, y, noise_std, cond, decode, shape)
         problem, key = self._place(problem, key, mesh)
-        return _run(self, problem, key, shape)
+        return _check_finite(_run(self, problem, key, shape), self)
 
     def compile(
         self,
@@ -388,7 +440,30 @@ class CompiledSolve:
         self.compile_s, self.memory, self.mesh = compile_s, memory, mesh
 
     def __call__(self) -> RestoreResult:
-        return self._compiled(*self._args)
+        return _check_finite(self._compiled(*self._args), self._args[0])
+
+
+def _check_finite(res: RestoreResult, solver) -> RestoreResult:
+    """Raise ``FloatingPointError`` instead of returning a non-finite restoration.
+
+    The inner optimisers reject non-finite iterations (see :func:`minimize`) and MPC-Flow falls
+    back to the unguided step where a plan is non-finite, so what remains non-finite here came
+    from the prior, the decoder or the operator themselves: there is no safe result to return.
+    Skipped under tracing (a solver called inside the caller's own ``jit``/``vmap``).
+    """
+    if isinstance(res.x, jax.core.Tracer) or isinstance(res.image, jax.core.Tracer):
+        return res
+    bad_x = ~jnp.all(jnp.isfinite(res.x).reshape(res.x.shape[0], -1), axis=1)
+    bad_i = ~jnp.all(jnp.isfinite(res.image).reshape(res.image.shape[0], -1), axis=1)
+    bad = [int(i) for i in jnp.nonzero(bad_x | bad_i)[0]]
+    if bad:
+        raise FloatingPointError(
+            f"{type(solver).__name__} produced a non-finite restoration for image(s) {bad} of "
+            f"{res.x.shape[0]}: the prior's velocity field, the decoder or the operator returned "
+            "NaN/inf, so there is no safe result (the inner optimiser's own non-finite steps "
+            "are rejected and never reach the result)"
+        )
+    return res
 
 
 def result(problem: InverseProblem, x, nfe, backprops, **diagnostics) -> RestoreResult:

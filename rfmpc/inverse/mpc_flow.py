@@ -40,6 +40,14 @@ optimiser works on the *displacement* ``w = dtau * u`` the control causes over i
 is unchanged; only the coordinates differ), so Adam's learning rate is in image units whatever
 the step size.
 
+Numerical safety: inner iterations whose value or gradient is non-finite are rejected (the
+last finite iterate is kept; :func:`rfmpc.inverse.minimize`), and a sub-problem whose applied
+control is still non-finite falls back to the unguided step ``u = 0`` (the prior's own Euler
+step). Both are recorded: ``diagnostics["rejected_steps"]`` (inner iterations rejected, over the
+whole solve) and ``diagnostics["fallback_steps"]`` (sampler steps that ran unguided). A
+restoration that is non-finite anyway (the prior itself returns NaN) raises
+``FloatingPointError`` from the solver call instead of returning a NaN image.
+
 Counts (Adam, exact; L-BFGS counts its line-search evaluations): RHC per step ``1 + iters (K-1)``
 model calls and ``iters (K-1)`` backprops, Δt per step ``1 + iters`` calls and ``iters``
 backprops; for both the last step makes 1 call and no backprop. With the defaults (N = 20, K = 2,
@@ -62,7 +70,7 @@ from rfmpc.inverse._common import (
     _bcast,
     _per_image_sum,
     euler_rollout,
-    minimize,
+    minimize_counted,
     result,
 )
 
@@ -155,28 +163,39 @@ class MPCFlow(AbstractInverseSolver):
                 xf = euler_rollout(problem.velocity, x, tau, u, v0=v0, checkpoint=self.checkpoint)
                 return jnp.sum(u**2 * dtau) + lam * jnp.sum(problem.phi(xf))
 
-            w, evals, _ = minimize(loss, u_warm * dtau, self.inner)
-            u = w / dtau
-            return x + (s_next - s_now) * (v0 + u[0]), u, tau, evals
+            w, evals, _, rejected = minimize_counted(loss, u_warm * dtau, self.inner)
+            u, fell = _safe_controls(w / dtau)
+            x_next = x + (s_next - s_now) * (v0 + u[0])
+            return x_next, u, tau, evals, (rejected, fell)
 
         def outer(carry, s):
-            x, u_warm, nfe, bp, energy = carry
+            x, u_warm, nfe, bp, energy, faults = carry
             s_now, s_next, s_after = s
-            x_next, u, tau, evals = plan(x, u_warm, s_now, s_next, k)
+            x_next, u, tau, evals, fault = plan(x, u_warm, s_now, s_next, k)
             energy = energy + _per_image_sum(u[0] ** 2) * (s_now - s_next)
             u_next = _shift_controls(u, tau, horizon_grid(s_next, s_after, k, aligned))
-            return (x_next, u_next, nfe + 1 + evals * (k - 1), bp + evals * (k - 1), energy), None
+            nfe, bp = nfe + 1 + evals * (k - 1), bp + evals * (k - 1)
+            return (x_next, u_next, nfe, bp, energy, _add_faults(faults, fault)), None
 
         u0 = jnp.zeros((k, *x.shape), x.dtype)
         e0 = jnp.zeros(x.shape[:1], x.dtype)
-        init = (x, u0, jnp.int32(0), jnp.int32(0), e0)
+        init = (x, u0, jnp.int32(0), jnp.int32(0), e0, (jnp.int32(0), jnp.int32(0)))
         # all but the last step; the last one has a single step left: K = 1 (exact horizon)
         steps = (sig[:-2], sig[1:-1], sig[2:])
-        (x, u_warm, nfe, bp, energy), _ = jax.lax.scan(outer, init, steps)
+        (x, u_warm, nfe, bp, energy, faults), _ = jax.lax.scan(outer, init, steps)
         s_last = sig[-2]
-        x, u, _, _ = plan(x, u_warm[:1], s_last, sig[-1], 1)
+        x, u, _, _, fault = plan(x, u_warm[:1], s_last, sig[-1], 1)
         energy = energy + _per_image_sum(u[0] ** 2) * s_last
-        return result(problem, x, nfe + 1, bp, control_energy=energy)
+        rejected, fell = _add_faults(faults, fault)
+        return result(
+            problem,
+            x,
+            nfe + 1,
+            bp,
+            control_energy=energy,
+            rejected_steps=rejected,
+            fallback_steps=fell,
+        )
 
     # ----------------------------------------------------------------------------- delta-t
 
@@ -194,24 +213,46 @@ class MPCFlow(AbstractInverseSolver):
                     z = z - s_next * problem.velocity(z, s_next)  # Tweedie estimate of x_0
                 return jnp.sum(u**2) * h + lam * jnp.sum(problem.phi(z))
 
-            w, evals, _ = minimize(loss, w, self.inner)
-            u = w / h
-            return x - h * (v0 + u), u, evals
+            w, evals, _, rejected = minimize_counted(loss, w, self.inner)
+            u, fell = _safe_controls(w / h)
+            return x - h * (v0 + u), u, evals, (rejected, fell)
 
         def outer(carry, s):
-            x, u_prev, nfe, bp, energy = carry
+            x, u_prev, nfe, bp, energy, faults = carry
             s_now, s_next = s
             h = s_now - s_next
-            x, u, evals = one_step(x, u_prev * h, s_now, s_next, True)
+            x, u, evals, fault = one_step(x, u_prev * h, s_now, s_next, True)
             energy = energy + _per_image_sum(u**2) * h
-            return (x, u, nfe + 1 + evals, bp + evals, energy), None
+            carry = (x, u, nfe + 1 + evals, bp + evals, energy, _add_faults(faults, fault))
+            return carry, None
 
-        init = (x, jnp.zeros_like(x), jnp.int32(0), jnp.int32(0), jnp.zeros(x.shape[:1], x.dtype))
-        (x, u_prev, nfe, bp, energy), _ = jax.lax.scan(outer, init, (sig[:-2], sig[1:-1]))
+        e0 = jnp.zeros(x.shape[:1], x.dtype)
+        zero = (jnp.int32(0), jnp.int32(0))
+        init = (x, jnp.zeros_like(x), jnp.int32(0), jnp.int32(0), e0, zero)
+        (x, u_prev, nfe, bp, energy, faults), _ = jax.lax.scan(outer, init, (sig[:-2], sig[1:-1]))
         h_last = sig[-2] - sig[-1]
-        x, u, _ = one_step(x, u_prev * h_last, sig[-2], sig[-1], False)
+        x, u, _, fault = one_step(x, u_prev * h_last, sig[-2], sig[-1], False)
         energy = energy + _per_image_sum(u**2) * h_last
-        return result(problem, x, nfe + 1, bp, control_energy=energy)
+        rejected, fell = _add_faults(faults, fault)
+        return result(
+            problem,
+            x,
+            nfe + 1,
+            bp,
+            control_energy=energy,
+            rejected_steps=rejected,
+            fallback_steps=fell,
+        )
+
+
+def _safe_controls(u):
+    """``(u, 0)`` if ``u`` is finite, else ``(0, 1)``: the unguided step is the safe fallback."""
+    ok = jnp.all(jnp.isfinite(u))
+    return jnp.where(ok, u, 0.0), (~ok).astype(jnp.int32)
+
+
+def _add_faults(a, b):
+    return a[0] + b[0], a[1] + b[1]
 
 
 def mpc_rhc(horizon_steps: int = 2, **kw) -> MPCFlow:
