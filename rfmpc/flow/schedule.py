@@ -55,7 +55,9 @@ def flowmatch_sigmas(
         mu: if given, use dynamic (exponential) shifting with this ``mu`` instead of ``shift``.
 
     Returns:
-        float32 array of shape ``(num_steps + 1,)``, strictly decreasing, ending in 0.
+        float32 array of shape ``(num_steps + 1,)``, strictly decreasing, in [0, 1], ending in 0.
+        Bit-identical to diffusers' ``scheduler.sigmas`` except where diffusers' float32
+        rounding puts the first entry above 1 (shifts below ~0.5): that entry is clipped to 1.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
         raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
@@ -76,7 +78,10 @@ def flowmatch_sigmas(
     else:
         sig = shift_sigmas(sig, shift)
     sig = np.concatenate([sig.astype(np.float32), np.zeros(1, np.float32)])
-    return jnp.asarray(sig)
+    # diffusers' shift of sigma = 1, s / (1 + (s - 1)), rounds above 1 for small shifts (0.443:
+    # 1.0000002, 0.054: 1.0000066); a noise level above 1 is off the model's domain, so the grid
+    # is clipped to [0, 1] -- the only place it departs from diffusers (by < 1e-5)
+    return jnp.asarray(np.minimum(sig, np.float32(1.0)))
 
 
 def timesteps_from_sigmas(sigmas: Float[Array, " n_plus_1"]) -> Float[Array, " n"]:
