@@ -458,7 +458,7 @@ class Pipeline:
                 if k > int(state.step):
                     start_state = state
                     state = integrate(run_field, state, stop=k)
-                    if not bool(jnp.all(jnp.isfinite(state.x))):
+                    if not bool(np.asarray(_finite(state.x).addressable_data(0))):
                         _raise_nonfinite(field, start_state, k, prompts)
                 if k in ks:
                     states[k] = state
@@ -481,6 +481,11 @@ class Pipeline:
         return PipelineOutput(images=images, latents=state.x, states=states, sigmas=sig)
 
 
+@jax.jit
+def _finite(x):
+    return jnp.all(jnp.isfinite(x))  # one replicated scalar, also for multi-process arrays
+
+
 def _raise_nonfinite(field, start: TrajectoryState, stop: int, prompts: list[str]):
     """Locate the first denoising step (and images) with non-finite latents and raise.
 
@@ -488,6 +493,11 @@ def _raise_nonfinite(field, start: TrajectoryState, stop: int, prompts: list[str
     is paid on failure only) so the error names the step, its sigma and the prompts.
     """
     k0 = int(start.step)
+    if not start.x.is_fully_addressable:  # spread over processes: no per-step search
+        raise FloatingPointError(
+            f"denoising steps {k0}..{stop - 1} produced NaN/inf latents: the model's velocity "
+            "is non-finite there, so no image is returned"
+        )
     if not bool(jnp.all(jnp.isfinite(start.x))):
         step, bad = k0, ~jnp.all(jnp.isfinite(start.x).reshape(start.x.shape[0], -1), axis=1)
     else:

@@ -443,6 +443,11 @@ class CompiledSolve:
         return _check_finite(self._compiled(*self._args), self._args[0])
 
 
+@jax.jit
+def _finite(*arrays):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
+
+
 def _check_finite(res: RestoreResult, solver) -> RestoreResult:
     """Raise ``FloatingPointError`` instead of returning a non-finite restoration.
 
@@ -453,6 +458,13 @@ def _check_finite(res: RestoreResult, solver) -> RestoreResult:
     """
     if isinstance(res.x, jax.core.Tracer) or isinstance(res.image, jax.core.Tracer):
         return res
+    if bool(np.asarray(_finite(res.x, res.image).addressable_data(0))):
+        return res  # one replicated scalar: also works for arrays spread over processes
+    if not res.x.is_fully_addressable:
+        raise FloatingPointError(
+            f"{type(solver).__name__} produced a non-finite restoration: the prior's velocity "
+            "field, the decoder or the operator returned NaN/inf, so there is no safe result"
+        )
     bad_x = ~jnp.all(jnp.isfinite(res.x).reshape(res.x.shape[0], -1), axis=1)
     bad_i = ~jnp.all(jnp.isfinite(res.image).reshape(res.image.shape[0], -1), axis=1)
     bad = [int(i) for i in jnp.nonzero(bad_x | bad_i)[0]]
