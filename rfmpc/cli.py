@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["float32", "bfloat16"],
         default="float32",
-        help="compute dtype of the networks (bfloat16: see docs/precision.md)",
+        help="compute dtype of the networks (bfloat16: see docs/performance.md)",
     )
     g.add_argument("--out", default=None, help="PNG grid with captions")
     g.add_argument("--json", action="store_true")

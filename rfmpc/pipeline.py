@@ -270,9 +270,21 @@ class Pipeline:
     def field(self) -> ModelField:
         return ModelField(self.transformer)
 
-    def guided_field(self, guidance_scale: float):
-        """``field`` with CFG; ``cond = (cond, uncond)``."""
-        return classifier_free_guidance(self.field, guidance_scale)
+    def field_in(self, compute_dtype=None) -> ModelField:
+        """``field`` with the network's matmuls in ``compute_dtype`` (None: as loaded).
+
+        ``compute_dtype=jnp.float32`` on a pipeline loaded in bfloat16 keeps the bf16 weights
+        (upcast exactly) and runs every matmul in float32: what gradient-based controllers
+        (shooting, MPC linearisation, MPC-Flow) should use; see ``docs/performance.md`` for the
+        measured gradient errors of bf16 compute.
+        """
+        if compute_dtype is None:
+            return self.field
+        return ModelField(self.transformer.astype(compute_dtype))
+
+    def guided_field(self, guidance_scale: float, *, compute_dtype=None):
+        """``field`` with CFG; ``cond = (cond, uncond)`` (``compute_dtype``: see :meth:`field_in`)."""
+        return classifier_free_guidance(self.field_in(compute_dtype), guidance_scale)
 
     def config_hash(self, latent_shape: tuple[int, ...], num_steps: int) -> str:
         """Identity of (model, latent shape, schedule): cache entries must match it exactly."""

@@ -123,6 +123,11 @@ class ShootingOptions:
         max_control: a plan whose largest control magnitude (velocity units) exceeds this is
             treated as blown up: :func:`rfmpc.control.switch.switch` discards it and runs the
             command instead (recorded as a fallback). Velocities of the models here are O(1-10).
+        remat_path: evaluate the consistency term's target field on the path states one at a
+            time under ``jax.checkpoint`` (default): the gradient then keeps about one forward's
+            activations instead of one per step of the horizon (measured by
+            ``benchmarks/shooting_memory.py``). ``False`` batches them with ``vmap`` (faster on
+            an accelerator when memory allows).
     """
 
     horizon: int | None = 3
@@ -143,6 +148,7 @@ class ShootingOptions:
     outer_iters: int = 3
     divergence_ratio: float = 1e3
     max_control: float = 100.0
+    remat_path: bool = True
 
     def __post_init__(self):
         if self.horizon is not None and (not isinstance(self.horizon, int) or self.horizon < 1):
@@ -250,6 +256,18 @@ def _weights(opts: ShootingOptions, sig_next: Array, horizon: int, first: int = 
     return jnp.where(sig_next > 0, w, 0.0)
 
 
+def _field_on_path(prob: _Problem, xs: Array, sigs: Array, remat: bool) -> Array:
+    """``v_B(xs[i], sigs[i])`` for every state of a path ``(H, ...)``.
+
+    ``remat=True``: a sequential map whose body is rematerialised in the backward pass, so only
+    the states (not H forwards' activations) are stored for the gradient.
+    """
+    one = lambda x, s: prob.field(x, s, prob.cond_b).astype(x.dtype)
+    if not remat:
+        return jax.vmap(one)(xs, sigs)
+    return jax.lax.map(jax.checkpoint(lambda a: one(*a)), (xs, sigs))
+
+
 def _path_terms(prob: _Problem, u: Array, xs_next: Array, start: int, opts: ShootingOptions):
     """Objective terms for controls ``u`` (H, ...) and the states after them ``xs_next``."""
     H = u.shape[0]
@@ -257,7 +275,7 @@ def _path_terms(prob: _Problem, u: Array, xs_next: Array, start: int, opts: Shoo
     sig = prob.sigmas
     sig_next = sig[start + 1 : start + H + 1]
     h = sig[start + 1 : start + H + 1] - sig[start : start + H]
-    vb = jax.vmap(lambda x, s: prob.field(x, s, prob.cond_b).astype(x.dtype))(xs_next, sig_next)
+    vb = _field_on_path(prob, xs_next, sig_next, opts.remat_path)
     eps_hat = xs_next + _bcast(1 - sig_next, nd).astype(xs_next.dtype) * vb
     axes = tuple(range(1, u.ndim))
     resid = jnp.mean((eps_hat - prob.target[None]) ** 2, axis=axes)  # (H,)

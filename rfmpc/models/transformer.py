@@ -128,7 +128,7 @@ class Transformer:
 
         Used to run the control code (shooting gradients, MPC Jacobian probes) in float32 on a
         model loaded in bfloat16: the weights are the bf16-rounded values, upcast exactly, and
-        every matmul then runs in float32 (see ``docs/precision.md`` for the measured deltas).
+        every matmul then runs in float32 (see ``docs/performance.md`` for the measured deltas).
         """
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
