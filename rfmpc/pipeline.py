@@ -283,7 +283,7 @@ class Pipeline:
         return ModelField(self.transformer.astype(compute_dtype))
 
     def guided_field(self, guidance_scale: float, *, compute_dtype=None):
-        """``field`` with CFG; ``cond = (cond, uncond)`` (``compute_dtype``: see :meth:`field_in`)."""
+        """``field`` with CFG (``cond = (cond, uncond)``); ``compute_dtype``: see ``field_in``."""
         return classifier_free_guidance(self.field_in(compute_dtype), guidance_scale)
 
     def config_hash(self, latent_shape: tuple[int, ...], num_steps: int) -> str:

@@ -121,6 +121,6 @@ def test_bf16_pipeline_and_fp32_compute_for_controllers(pipe):
     scale = ref.std()
     err16 = np.abs(v16 - ref).max() / scale
     err16c = np.abs(v16c - ref).max() / scale
-    # measured on this model: bf16 ~2-4e-2, bf16 weights + fp32 compute ~1-2e-2 (docs/precision.md)
+    # measured here: bf16 ~2-4e-2, bf16 weights + fp32 compute ~1-2e-2 (docs/performance.md)
     assert err16 < 0.1 and err16c < 0.06
     assert err16c < err16
