@@ -4,6 +4,7 @@
     python benchmarks/report.py --quick               # smaller/fewer cases (a smoke run)
     python benchmarks/report.py --config tiny-gpu-path  # the GPU code path (bf16) at toy size
     python benchmarks/report.py --only mmdit --only vae --json --out /tmp/r
+    python benchmarks/report.py --render benchmarks/results/<file>.json  # markdown again
 
 Sections (``--only``; default all): ``peak`` (device info and the FLOP/s peak MFU is taken
 against), ``mmdit`` (rfmpc vs diffusers eager and ``torch.compile``), ``generation`` (28 steps +
@@ -317,6 +318,8 @@ def run_child(args, tmp: Path, child: str, *params, timeout: int) -> dict:
     # a fresh inductor cache per child: torch.compile times are cold, like JAX's
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(result.with_suffix(".inductor")))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    for var in ("JAX_COMPILATION_CACHE_DIR", "RFMPC_COMPILATION_CACHE"):  # cold XLA compiles too
+        env.pop(var, None)
     with open(log, "w") as fh:
         if args.verbose:
             print(f"[report]   log: {log}", file=sys.stderr, flush=True)

@@ -238,6 +238,7 @@ def _inverse_md(s: dict) -> list[str]:
         f"- prior: {s['prior']}; task {s['task']}; {s['images']} held-out image(s) "
         f"{'x'.join(map(str, s['image_shape']))}; one batched pre-compiled run / images",
         f"- load 1m at start/end: {_load(s)}",
+        *([f"- note: {s['note']}"] if s.get("note") else []),
         "",
         "| method | s / image | NFE | backprops | PSNR dB | compile s (aot) | XLA temp MiB | "
         "running peak memory |",
