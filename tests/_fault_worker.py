@@ -258,17 +258,23 @@ class HashEncoder:
 
 
 def train_child(out: str, cfg, kill_step: int, max_delay: float, seed: int) -> None:
-    """Train; once step ``kill_step`` is logged, die after a random delay (mid-step, mid-log or
-    mid-checkpoint)."""
+    """Train; once step ``kill_step`` is logged, die after a random delay of up to
+    ``max_delay`` step durations (mid-step, mid-log or mid-checkpoint)."""
     from rfmpc.train import train
 
     random.seed(seed)
 
-    armed = []
+    armed, last = [], [None]
 
     def on_log(rec):
+        step_s, last[0] = (
+            (rec["elapsed_s"] - last[0] if last[0] is not None else 0.0),
+            rec["elapsed_s"],
+        )
         if rec["step"] >= kill_step and not armed:  # >=: a resumed run may start past it
-            armed.append(threading.Timer(random.uniform(0.0, max_delay), die))
+            # within the next ~max_delay steps: mid-step, mid-log or mid-checkpoint
+            delay = random.uniform(0.0, max_delay * max(step_s, 0.001))
+            armed.append(threading.Timer(delay, die))
             armed[0].start()
 
     train(out, cfg, encoder=HashEncoder(), progress=False, on_log=on_log)

@@ -499,7 +499,7 @@ def _kill_and_resume(ctx, tmp_path: Path, kill_steps: list[int], capsys) -> None
     resumed_from = []
     for k in kill_steps:
         code = _run_child(
-            ctx, W.train_child, str(run), TINY, k, 0.15, rng.randrange(2**31), timeout=600
+            ctx, W.train_child, str(run), TINY, k, 2.0, rng.randrange(2**31), timeout=600
         )
         assert code == -signal.SIGKILL, f"the training child exited with {code}"
         resumed_from.append(
@@ -541,7 +541,7 @@ def test_killed_training_resumes_bit_exact(ctx, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_killed_training_resumes_bit_exact_after_repeated_kills(ctx, tmp_path, capsys):
-    _kill_and_resume(ctx, tmp_path, [3, 6, 9], capsys)
+    _kill_and_resume(ctx, tmp_path, [3, 7, 11], capsys)
 
 
 def test_resume_repairs_the_log_a_kill_leaves(tmp_path):
