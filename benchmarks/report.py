@@ -318,6 +318,8 @@ def run_child(args, tmp: Path, child: str, *params, timeout: int) -> dict:
     # a fresh inductor cache per child: torch.compile times are cold, like JAX's
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(result.with_suffix(".inductor")))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    partial = result.with_suffix(".partial.json")  # rows a long child saved so far
+    env["REPORT_PARTIAL"] = str(partial)
     for var in ("JAX_COMPILATION_CACHE_DIR", "RFMPC_COMPILATION_CACHE"):  # cold XLA compiles too
         env.pop(var, None)
     with open(log, "w") as fh:
@@ -331,6 +333,9 @@ def run_child(args, tmp: Path, child: str, *params, timeout: int) -> dict:
             rc = None
     if result.is_file():
         rec = json.loads(result.read_text())
+    elif rc is None and partial.is_file():
+        rec = json.loads(partial.read_text())
+        rec["incomplete"] = f"timed out after {timeout} s (child killed); rows so far kept"
     elif rc is None:
         rec = {"error": f"timed out after {timeout} s (child killed)"}
     else:

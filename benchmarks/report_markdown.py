@@ -207,6 +207,8 @@ def _switch_md(s: dict) -> list[str]:
         "'% of a step' = overhead / (N - k) / step; for mpc also per MPC-controlled step "
         "(the first `MPCOptions.control_steps` steps after the switch)",
         f"- load 1m at start/end: {_load(s)}",
+        *([f"- **incomplete:** {s['incomplete']}"] if s.get("incomplete") else []),
+        *([f"- note: {s['note']}"] if s.get("note") else []),
         "",
         "| method | NFE | extra NFE | wall ms | planning ms | overhead ms | % of a generation | "
         "% of a step (per remaining step) | % of a step (per MPC step) | compile s "

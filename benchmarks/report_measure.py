@@ -472,7 +472,15 @@ def child_switch(p, quick: bool, tmp: Path) -> dict:
             row["error"] = _reason(e)
         row["memory_running_peak"] = _peak_memory()
         rec["methods"].append(row)
+        _partial(rec)
     return rec
+
+
+def _partial(rec: dict) -> None:
+    """Save the rows so far where report.py looks if this child times out or dies."""
+    path = os.environ.get("REPORT_PARTIAL")
+    if path:
+        Path(path).write_text(json.dumps(rec, default=str))
 
 
 def child_inverse(p, quick: bool, tmp: Path) -> dict:
