@@ -140,6 +140,10 @@ def _check_field(field, x, sigmas, cond, start):
 
 @eqx.filter_jit
 def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint):
+    # checked while tracing, i.e. once per compiled program, not on every call (an eager
+    # eval_shape here cost a re-trace of the whole model per integrate call)
+    _check_field(field, x, sigmas, cond, start)
+
     def vf(t, y, args):
         i = _step_index(sigmas, t)
         c = cond(t, i) if callable(cond) else cond
@@ -173,7 +177,6 @@ def _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, sa
     if stop == start:
         st = TrajectoryState(x=x, step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
         return st, x[None]
-    _check_field(field, x, sig, cond, start)
     adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
     ys = _solve(field, x, sig, cond, ctrl, start, stop, save_path, adjoint)
     st = TrajectoryState(x=ys[-1], step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
