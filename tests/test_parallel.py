@@ -54,9 +54,15 @@ def _run_worker(which: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def multi():
-    return _run_worker("fast")
+def test_eight_devices():
+    """Every 8-device check on one subprocess run (one test, so that pytest-xdist does not start
+    the costly worker once per process)."""
+    multi = _run_worker("fast")
+    _check_errors_on_eight_devices(multi)
+    _check_params_are_sharded_over_fsdp(multi)
+    _check_pipeline_matches_single_device(multi)
+    _check_switch_batch_matches_single_device(multi)
+    _check_mpc_flow_matches_single_device(multi)
 
 
 def _assert_split(rec: dict, batch: int, data: int) -> None:
@@ -114,7 +120,7 @@ def test_initialize_distributed_validates_before_initialising():
 
 
 # ----------------------------------------------------------------------------- 8 devices
-def test_errors_on_eight_devices(multi):
+def _check_errors_on_eight_devices(multi):
     e = multi["errors"]
     assert multi["devices"] == 8
     assert "data=3 x fsdp=1 = 3 devices, but 8 device(s)" in e["data_not_dividing"]
@@ -135,7 +141,7 @@ def test_errors_on_eight_devices(multi):
     assert multi["restore"]["error_batch"].startswith("ValueError: batch size 3")
 
 
-def test_params_are_sharded_over_fsdp(multi):
+def _check_params_are_sharded_over_fsdp(multi):
     p = multi["params"]
     assert multi["mesh_shape"] == {"data": 4, "fsdp": 2}
     assert "SingleDeviceSharding" in multi["params_single"]  # mesh=None: today's layout
@@ -147,14 +153,14 @@ def test_params_are_sharded_over_fsdp(multi):
     assert p["smallest_spec"] == str(P())
 
 
-def test_pipeline_matches_single_device(multi):
+def _check_pipeline_matches_single_device(multi):
     r = multi["pipeline"]
     assert r["image_std"] > 0.1  # real images, not a constant
     assert r["maxdiff_images"] < ATOL and r["maxdiff_latents"] < ATOL, r
     _assert_split(r["latents"], batch=8, data=4)
 
 
-def test_switch_batch_matches_single_device(multi):
+def _check_switch_batch_matches_single_device(multi):
     r = multi["switch"]
     assert r["from_a"] > 1.0  # B's result, not A's: the comparison is not vacuous
     assert r["maxdiff"] < ATOL * max(1.0, r["x_std"]), r
@@ -162,7 +168,7 @@ def test_switch_batch_matches_single_device(multi):
     _assert_split(r["x"], batch=8, data=4)
 
 
-def test_mpc_flow_matches_single_device(multi):
+def _check_mpc_flow_matches_single_device(multi):
     r = multi["restore"]
     tol = 1e-3 * r["x_std"]  # the data fit's 1/noise_std^2 = 400 amplifies rounding
     assert r["maxdiff"] < tol and r["maxdiff_compiled"] < tol, r
