@@ -2,10 +2,10 @@
 
 rfmpc jits at its public entry points (the diffrax solve, the controllers' planners, the inverse
 solvers), so a program is compiled once per (shapes, static configuration) and reused for every
-later call with the same shapes: new prompts, seeds, noise and conditioning are traced arguments,
-never baked-in constants. What *is* static, and so costs one compile per value: the number of
-steps and the ``(start, stop)`` segment of a solve, the image size and batch, the guidance scale
-(``ClassifierFreeGuidance.guidance_scale``), a controller's method and option dataclass.
+later call with the same shapes: new prompts, seeds, noise, conditioning and the CFG scale are
+traced arguments, never baked-in constants. What *is* static, and so costs one compile per value:
+the number of steps and the ``(start, stop)`` segment of a solve, the image size and batch,
+whether CFG is on at all (``guidance_scale > 1``), a controller's method and option dataclass.
 
 Two tools:
 
