@@ -186,16 +186,7 @@ class MPCFlow(AbstractInverseSolver):
         s_last = sig[-2]
         x, u, _, _, fault = plan(x, u_warm[:1], s_last, sig[-1], 1)
         energy = energy + _per_image_sum(u[0] ** 2) * s_last
-        rejected, fell = _add_faults(faults, fault)
-        return result(
-            problem,
-            x,
-            nfe + 1,
-            bp,
-            control_energy=energy,
-            rejected_steps=rejected,
-            fallback_steps=fell,
-        )
+        return _finish(problem, x, nfe + 1, bp, energy, _add_faults(faults, fault))
 
     # ----------------------------------------------------------------------------- delta-t
 
@@ -233,16 +224,21 @@ class MPCFlow(AbstractInverseSolver):
         h_last = sig[-2] - sig[-1]
         x, u, _, fault = one_step(x, u_prev * h_last, sig[-2], sig[-1], False)
         energy = energy + _per_image_sum(u**2) * h_last
-        rejected, fell = _add_faults(faults, fault)
-        return result(
-            problem,
-            x,
-            nfe + 1,
-            bp,
-            control_energy=energy,
-            rejected_steps=rejected,
-            fallback_steps=fell,
-        )
+        return _finish(problem, x, nfe + 1, bp, energy, _add_faults(faults, fault))
+
+
+def _finish(problem, x, nfe, bp, energy, faults):
+    """The :class:`RestoreResult` of a receding-horizon run, with its fault counts."""
+    rejected, fell = faults
+    return result(
+        problem,
+        x,
+        nfe,
+        bp,
+        control_energy=energy,
+        rejected_steps=rejected,
+        fallback_steps=fell,
+    )
 
 
 def _safe_controls(u):
