@@ -129,8 +129,7 @@ def _generation(pipes, n: int, steps: int) -> dict:
 
 
 def _gradients(pipes, key, start: int = 10, steps: int = 28, horizon: int = 14) -> dict:
-    from rfmpc.control.mpc import jacobian_blocks
-    from rfmpc.control.shooting import ShootingOptions, shooting_objective
+    from rfmpc.control import jacobian_blocks, shooting_objective
     from rfmpc.flow import integrate
 
     p32 = pipes["fp32"]
@@ -141,13 +140,10 @@ def _gradients(pipes, key, start: int = 10, steps: int = 28, horizon: int = 14) 
     noise = jax.random.normal(k1, p32.latent_shape(1, None, None))
     x_k = integrate(p32.field, noise, sig, ca, stop=start).x
     u = 0.05 * jax.random.normal(k2, (horizon, *x_k.shape))
-    opts = ShootingOptions(horizon=horizon)
     grads, blocks = {}, {}
     for name, p in pipes.items():
         f = p.field
-        loss = lambda uu, f=f: shooting_objective(
-            f, x_k, sig, start, ca, cb, noise, uu, options=opts
-        )
+        loss = lambda uu, f=f: shooting_objective(f, x_k, sig, start, cb, noise, uu)
         grads[name] = jax.jit(jax.grad(loss))(u)
         vf = lambda xx, f=f: f(xx, sig[start], cb)
         blocks[name] = jax.jit(lambda xx, vf=vf: jacobian_blocks(vf, xx)[1])(x_k)

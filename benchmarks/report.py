@@ -49,17 +49,9 @@ if str(HERE) not in sys.path:  # sibling modules (benchmarks/ is not a package)
 from report_markdown import ALL_SECTIONS, OPTIONAL, _device_name, markdown  # noqa: E402
 
 RESULTS = HERE / "results"
-SWITCH_METHODS = (
-    "direct",
-    "blend",
-    "adaptive",
-    "reproject",
-    "sdedit",
-    "mpc",
-    "shooting",
-    "multiple-shooting",
-    "shooting-mpc",
-)
+from rfmpc.switch_cli import CONTROLLERS  # noqa: E402
+
+SWITCH_METHODS = tuple(CONTROLLERS)
 QUICK_SWITCH_METHODS = ("direct", "blend", "reproject", "mpc", "shooting")
 
 

@@ -205,7 +205,7 @@ def _switch_md(s: dict) -> list[str]:
         f"{fin['median_s'] * 1e3:.1f} ms ({n - k} NFE)",
         "- overhead = method wall time - plain finish from k (steady-state medians); "
         "'% of a step' = overhead / (N - k) / step; for mpc also per MPC-controlled step "
-        "(the first `MPCOptions.control_steps` steps after the switch)",
+        "(the controller's window: `MPC().control_steps` steps after the switch)",
         f"- load 1m at start/end: {_load(s)}",
         *([f"- **incomplete:** {s['incomplete']}"] if s.get("incomplete") else []),
         *([f"- note: {s['note']}"] if s.get("note") else []),

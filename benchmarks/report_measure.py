@@ -403,8 +403,9 @@ def child_switch(p, quick: bool, tmp: Path) -> dict:
     import equinox as eqx
     import jax
 
-    from rfmpc.control import switch
+    from rfmpc.control import SwitchCache, switch
     from rfmpc.flow import TrajectoryState, flowmatch_sigmas, integrate
+    from rfmpc.switch_cli import controller_from_name
 
     field, shift, eps, ca, cb, label = _switch_setup(p)
     n, k = p.switch_steps, p.switch_k
@@ -433,19 +434,19 @@ def child_switch(p, quick: bool, tmp: Path) -> dict:
         "step_s": step_s,
         "methods": [],
     }
-    from rfmpc.control.mpc import MPCOptions
-
-    mpc_window = MPCOptions().control_steps or (n - k)
+    v_a = field(x_k, sig[k], ca)  # what a cache stores beside the state (A's run computed it)
+    cached = SwitchCache(velocity=v_a, noise=eps)
     for method in p.switch_methods:
         print(f"switch: {method}", file=sys.stderr, flush=True)
         row: dict = {"method": method}
         try:
+            ctrl = controller_from_name(method)
             t0 = time.perf_counter()
-            first = switch(field, state, cb, method=method, noise=eps)
+            first = switch(field, state, cb, ctrl, cached=cached)
             row["first_s"] = time.perf_counter() - t0
             walls, plans = [], []
             for _ in range(p.switch_runs):
-                res = switch(field, state, cb, method=method, noise=eps)
+                res = switch(field, state, cb, ctrl, cached=cached)
                 walls.append(res.wall_s)
                 plans.append(res.planning_s)
             import statistics
@@ -459,15 +460,18 @@ def child_switch(p, quick: bool, tmp: Path) -> dict:
                 compile_s=max(row["first_s"] - wall, 0.0),
                 compile_method="first-steady",
                 nfe=res.nfe,
+                jvps=res.cost.jvps,
+                vjps=res.cost.vjps,
                 extra_nfe=res.nfe - (n - k),
                 overhead_s=extra,
                 overhead_of_generation_pct=100.0 * extra / gen["median_s"],
                 overhead_per_remaining_step_pct=100.0 * extra / (n - k) / step_s,
                 fallback=bool(first.fallback or res.fallback),
             )
-            if method in ("mpc", "shooting-mpc"):
-                row["controlled_steps"] = mpc_window
-                row["overhead_per_controlled_step_pct"] = 100.0 * extra / mpc_window / step_s
+            window = ctrl.window(n - k)
+            if window:
+                row["controlled_steps"] = window
+                row["overhead_per_controlled_step_pct"] = 100.0 * extra / window / step_s
         except Exception as e:  # one method failing must not hide the others
             row["error"] = _reason(e)
         row["memory_running_peak"] = _peak_memory()

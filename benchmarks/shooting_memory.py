@@ -12,11 +12,11 @@ figure on CPU and GPU, before allocator fragmentation), for:
 * ``forward``: one model evaluation ``v(x, sigma, cond)`` (inference);
 * ``grad_1``: ``jax.grad`` of a scalar of one model evaluation w.r.t. ``x`` -- the activations of
   one forward kept for its backward: **the unit** ("one forward's activations");
-* ``grad_shooting``: ``jax.grad`` of :func:`rfmpc.control.shooting.shooting_objective` w.r.t. the
-  per-step controls over ``H = N - k`` steps (the solve goes through diffrax with
-  ``RecursiveCheckpointAdjoint`` storing one state per step; the consistency term re-evaluates the
-  target field on every state of the path, under ``jax.checkpoint``);
-* ``grad_shooting`` with ``remat_path=False``: the consistency term vmapped over the path;
+* ``grad_shooting``: ``jax.grad`` of :func:`rfmpc.control.shooting_objective` w.r.t. the
+  per-step controls over ``H = N - k`` steps (the rollout is a ``lax.scan`` with every step under
+  ``jax.checkpoint``, storing one state per step; the consistency terms reuse the rollout's
+  velocities, plus one evaluation at the end);
+* ``grad_shooting`` with ``remat=False``: the same scan without per-step checkpointing;
 * ``grad_unrolled``: the same objective differentiated through a plain Python loop without any
   checkpointing (what a naive implementation stores): H forwards' activations.
 
@@ -72,15 +72,13 @@ def _model(config, batch: int, latent: int, text_tokens: int, key):
 
 
 def measure(config, *, batch: int, latent: int, text_tokens: int, steps: int, start: int) -> dict:
-    from rfmpc.control.shooting import ShootingOptions, shooting_objective
+    from rfmpc.control import shooting_objective
     from rfmpc.flow import flowmatch_sigmas
 
-    field, x, ca, cb, noise = _model(config, batch, latent, text_tokens, jax.random.key(0))
+    field, x, _ca, cb, noise = _model(config, batch, latent, text_tokens, jax.random.key(0))
     sig = flowmatch_sigmas(steps, 3.0)
     H = steps - start
     u = jnp.zeros((H, *x.shape))
-    opts = ShootingOptions(horizon=H)
-    opts_vmap = ShootingOptions(horizon=H, remat_path=False)
 
     def fwd(f, xx):
         return f(xx, sig[start], cb)
@@ -88,10 +86,10 @@ def measure(config, *, batch: int, latent: int, text_tokens: int, steps: int, st
     def grad_1(f, xx):
         return jax.grad(lambda y: jnp.sum(f(y, sig[start], cb) ** 2))(xx)
 
-    def grad_shoot(f, uu, o=opts):
-        return jax.grad(
-            lambda v: shooting_objective(f, x, sig, start, ca, cb, noise, v, options=o)
-        )(uu)
+    def grad_shoot(f, uu, remat=True):
+        return jax.grad(lambda v: shooting_objective(f, x, sig, start, cb, noise, v, remat=remat))(
+            uu
+        )
 
     def unrolled(f, uu):
         # the same objective (consistency term only, effort/smoothness are negligible) through a
@@ -125,7 +123,7 @@ def measure(config, *, batch: int, latent: int, text_tokens: int, steps: int, st
         "grad_1_temp_bytes": _temp_bytes(grad_1, field, x),
         "grad_shooting_temp_bytes": _temp_bytes(grad_shoot, field, u),
         "grad_shooting_vmap_path_temp_bytes": _temp_bytes(
-            lambda f, uu: grad_shoot(f, uu, opts_vmap), field, u
+            lambda f, uu: grad_shoot(f, uu, False), field, u
         ),
         "grad_unrolled_temp_bytes": _temp_bytes(unrolled, field, u),
     }
@@ -200,7 +198,7 @@ def _table(rec: dict) -> str:
         f"Method: {rec['method']}. Goal: {rec['goal']}.",
         "",
         "| case | H | forward | grad of 1 forward (unit) | shooting grad (checkpointed) | "
-        "x unit | shooting grad, remat_path=False | x unit | unrolled, no checkpointing | x unit |",
+        "x unit | shooting grad, remat=False | x unit | unrolled, no checkpointing | x unit |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     mib = lambda b: f"{b / 2**20:.2f} MiB"

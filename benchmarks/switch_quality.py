@@ -1,517 +1,739 @@
-"""Prompt-switch quality vs cost: every ``rfmpc.control.switch`` method against B from scratch.
+"""Prompt-switch quality against cost, on held-out prompt pairs, with equal-cost baselines.
 
-    python benchmarks/switch_quality.py                 # GMM provider, N = 28, k in {7, 14}
-    python benchmarks/switch_quality.py --ks 7,14,20 --samples 256 --save --json
+    python benchmarks/switch_quality.py --save                 # held-out split, the table + PNG
+    python benchmarks/switch_quality.py --tune --save          # dev split: fit MPC() / Adaptive
+    python benchmarks/switch_quality.py --provider gmm --save  # exact GMM: analytic vs exact J
+    python benchmarks/switch_quality.py --quick                # a smoke run (2 pairs, 1 seed)
 
-Setting (issue 7). Prompt A runs ``k`` of ``N`` steps from seed noise ``eps`` and is cached;
-prompt B is finished from that state. The reference is **B from scratch with the same seed**
-(``N`` steps); the score is the RMSE of the final latents against it,
-``sqrt(mean_samples ||x - x_B||^2)``. Per method we report RMSE, NFE (model evaluations,
-planning, JVP probes and VJPs included), wall and planning time (a second, compiled call; CPU),
-and ``speedup = N / NFE`` (from scratch costs N calls; for a method with no extra calls this is
-the brief's ``N / (N - k + planning NFE)``). Beside them, in the same run:
+Setting. Prompt A runs ``k`` of ``N = 28`` steps from seed noise ``eps`` (the embedded model,
+CFG 4, its own grid) and is cached with what a cache stores beside the state: ``v_A(x_k)``, A's
+final latent and the seed. Prompt B is finished from that state by each controller.
 
-* ``equal-NFE``: B from scratch with only ``N - k`` steps (a fresh ``N - k`` grid), the
-  baseline a cache hit must beat to be worth it;
-* ``sdedit``: A's final image re-noised to ``sigma_k`` with fresh noise, then B (counted with
-  A's ``N - k`` finishing calls; a cache that also stores A's final image saves them).
+Pairs (:mod:`rfmpc.data.edits`). A-scenes are the embedded model's held-out scenes (never
+trained on); a scene goes to the *dev* split of this benchmark if ``sha256(scene.key())`` is even
+and to the *held-out* split if odd (a fixed rule: tuning never sees a held-out pair). Per split,
+``--per-kind`` pairs of each edit kind (paraphrase, colour, shape, position, size, background,
+second object, several attributes), then pairs of any kind until every pooled-similarity band
+(>= 0.95, 0.90-0.95, 0.85-0.90, < 0.85) holds at least two. ``--seeds`` seeds per pair.
 
-Field providers. A provider yields the velocity field, the seed noise and the prompt pairs with
-a similarity label; the GMM provider below is exact and cheap. The embedded model's provider
-plugs into the same loop (``PROVIDERS``; to be added with the model).
+References, both from B's own seed: **B-28** (what the uncached call returns) and **B-112** (a
+fine grid: a method that merely shares B-28's 28-step discretisation error does not look good
+against it). Scores per image in [0, 1]: PSNR (dB, data range 1) and prompt fidelity (the exact
+analyzer: every attribute of B right).
 
-GMM provider. ``ConditionalGaussianMixture`` in 2-D, 3 components per prompt; prompt A and three
-B prompts whose component means are moved by ``delta`` in {0.1, 0.3, 1.0} along fixed random
-unit directions (same weights and covariances). Two families: ``wide`` (component std 0.3-0.45,
-means ~3 apart) and ``tight`` (std 0.22-0.45, more curved flow). Similarity proxy: the cosine of
-``v_A`` and ``v_B`` over all samples at the cached state (what ``adaptive`` measures), and
-``delta`` itself. Each sample is an independent trajectory; ``--samples`` of them form one
-state, so the MPC's per-pixel Jacobian blocks (one per sample) are exact here.
+Cost. Forward calls, JVPs and VJPs are counted separately; forward-equivalents weigh JVPs and
+VJPs by their cost relative to one forward pass *measured in this run* on this model (jitted,
+medians). Wall time: the batched switch over all pairs of a ``k`` (compiled, one call) and a
+single pair's switch (compiled, median of repeats, methods interleaved), with ``Direct`` as the
+ratio's reference.
+
+Baselines. **Equal cost**: B from scratch on a fresh grid of ``round(forward-equivalents)``
+steps: what the same budget buys without a cache (every controller gets its own). The
+equal-cost *curve* (B from scratch at 4..28 steps) is drawn on the Pareto plots.
+
+Statistics: medians over all images, with 95% CIs from a cluster bootstrap over pairs (2000
+resamples: seeds of one pair are not independent); paired differences (method - reference on
+the same image) likewise. Controllers that use a similarity get the pooled text similarity.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rfmpc.control import from_scratch_equal_nfe, switch, velocity_similarity
-from rfmpc.flow import (
-    ConditionalGaussianMixture,
-    TrajectoryState,
-    flowmatch_sigmas,
-    integrate_path,
+from rfmpc.control import (
+    MPC,
+    OSQP,
+    Adaptive,
+    Blend,
+    Direct,
+    Frozen,
+    JVPBlocks,
+    MultipleShooting,
+    Reproject,
+    SDEdit,
+    Shooting,
+    ShootingMPC,
+    SwitchCache,
+    switch,
+    switch_batch,
 )
+from rfmpc.control.results import OUTCOMES
+from rfmpc.flow import TrajectoryState, flowmatch_sigmas, integrate, integrate_path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-#: (row label, switch method, extra switch options)
-METHOD_ROWS: list[tuple[str, str, dict]] = [
-    ("direct", "direct", {}),
-    ("blend", "blend", {}),
-    ("adaptive", "adaptive", {}),
-    ("reproject", "reproject", {}),
-    ("reproject[a-implied]", "reproject", {"noise_target": "a-implied"}),
-    ("sdedit", "sdedit", {}),
-    ("shooting", "shooting", {}),
-    ("multiple-shooting", "multiple-shooting", {}),
-    ("mpc", "mpc", {}),
-    ("mpc[a-implied]", "mpc", {"noise_target": "a-implied"}),
-    ("shooting-mpc", "shooting-mpc", {}),
-]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BANDS = ((0.95, 1.01, ">=0.95"), (0.90, 0.95, "0.90-0.95"), (0.85, 0.90, "0.85-0.90"),
+         (-1.0, 0.85, "<0.85"))
+SPLIT_SEEDS = {"dev": 1000, "heldout": 2000}
 
 
-# ----------------------------------------------------------------------------- providers
-@dataclass
+def controllers() -> list[tuple[str, object]]:
+    """The rows of the table: (label, controller) -- every class with its defaults, plus the
+    MPC's other linearisations and target for comparison."""
+    return [
+        ("direct", Direct()),
+        ("blend", Blend()),
+        ("adaptive", Adaptive()),
+        ("reproject", Reproject()),
+        ("reproject[seed,3]", Reproject(iters=3, target="seed")),
+        ("sdedit", SDEdit()),
+        ("mpc", MPC()),
+        ("mpc[seed]", MPC(target="seed")),
+        ("mpc[frozen-4]", MPC(linearisation=Frozen(probes=4))),
+        ("mpc[jvp-blocks,osqp]", MPC(linearisation=JVPBlocks(), solver=OSQP())),
+        ("shooting", Shooting()),
+        ("multiple-shooting", MultipleShooting()),
+        ("shooting-mpc", ShootingMPC()),
+    ]
+
+
+QUICK = ("direct", "reproject", "mpc", "shooting")
+
+
+# ----------------------------------------------------------------------------- pairs
+@dataclass(frozen=True)
 class Pair:
-    label: str  # e.g. "wide d=0.3"
-    family: str
-    delta: float
-    cond_a: Any
-    cond_b: Any
+    kind: str
+    prompt_a: str
+    prompt_b: str
+    similarity: float
+    band: str
 
 
-class FieldProvider:
-    """Interface: a velocity field, a sigma shift, seed noise, and prompt pairs."""
-
-    name: str = "abstract"
-    field: Callable
-    shift: float = 3.0
-
-    def noise(self) -> jax.Array:  # the seed noise (one state)
-        raise NotImplementedError
-
-    def pairs(self) -> Iterator[Pair]:
-        raise NotImplementedError
+def _band(sim: float) -> str:
+    for lo, hi, name in BANDS:
+        if lo <= sim < hi:
+            return name
+    raise AssertionError(sim)  # pragma: no cover
 
 
-class GMMProvider(FieldProvider):
-    name = "gmm"
-
-    def __init__(self, samples: int = 256, deltas=(0.1, 0.3, 1.0), seed: int = 0):
-        self.samples = samples
-        self.deltas = tuple(deltas)
-        key = jax.random.key(seed)
-        k_dir, self._k_noise = jax.random.split(key)
-        dirs = jax.random.normal(k_dir, (3, 2))
-        dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
-        families = {
-            "wide": ([[-1.5, 0.0], [1.5, 0.5], [0.0, -2.5]], [0.1, 0.2, 0.15]),
-            "tight": ([[-2.0, 0.0], [1.5, 1.5], [1.0, -2.0]], [0.05, 0.1, 0.2]),
-        }
-        means, covs, self._index = [], [], {}
-        for fam, (m, v) in families.items():
-            m = jnp.asarray(m)
-            cov = jnp.asarray(v)[:, None, None] * jnp.eye(2)[None]
-            self._index[fam, None] = len(means)
-            means.append(m)
-            covs.append(cov)
-            for d in self.deltas:
-                self._index[fam, d] = len(means)
-                means.append(m + d * dirs)
-                covs.append(cov)
-        p = len(means)
-        self.field = ConditionalGaussianMixture(
-            jnp.ones((p, 3)) / 3, jnp.stack(means), jnp.stack(covs)
-        )
-        self.families = tuple(families)
-
-    def noise(self) -> jax.Array:
-        return jax.random.normal(self._k_noise, (self.samples, 2))
-
-    def pairs(self) -> Iterator[Pair]:
-        for fam in self.families:
-            for d in self.deltas:
-                yield Pair(
-                    f"{fam} d={d}",
-                    fam,
-                    d,
-                    jnp.int32(self._index[fam, None]),
-                    jnp.int32(self._index[fam, d]),
-                )
+def _split_of(scene) -> str:
+    h = int.from_bytes(hashlib.sha256(scene.key().encode()).digest()[:8], "little")
+    return "dev" if h % 2 == 0 else "heldout"
 
 
-BANDS = (
-    (0.95, 1.01, ">0.95"),
-    (0.90, 0.95, "0.90-0.95"),
-    (0.85, 0.90, "0.85-0.90"),
-    (-1.0, 0.85, "<0.85"),
-)
+def make_pairs(pipe, split: str, per_kind: int, min_per_band: int = 2) -> list[Pair]:
+    """The split's pairs by the fixed rule of the module docstring."""
+    from rfmpc.data import EDIT_KINDS, edit_prompt, sample_split_scene
 
+    rng = np.random.default_rng(SPLIT_SEEDS[split])
 
-class EmbeddedProvider(FieldProvider):
-    """The embedded default model: prompt pairs in pooled-similarity bands (the cache's metric).
+    def draw(kind):
+        for _ in range(10_000):
+            n_obj = 1 if kind == "second-object" else int(rng.integers(1, 3))
+            scene = sample_split_scene(rng, "heldout", n_objects=n_obj)
+            if _split_of(scene) != split:
+                continue
+            pr = edit_prompt(scene, kind, rng)
+            if pr is not None:
+                return pr
+        raise RuntimeError(f"no {kind} edit found")  # pragma: no cover
 
-    Pairs are drawn from the procedural grammar (an anchor scene and a mutation of one or more
-    attributes), binned by the cosine similarity of the text encoder's pooled embeddings into
-    the bands >0.95, 0.90-0.95, 0.85-0.90 and <0.85, ``per_band`` pairs each. A state holds
-    ``samples`` images (seeds) of the same prompt. The field is the CFG-guided model (guidance
-    as the pipeline's default), so conditions are ``(cond, uncond)`` pairs. Quality is also
-    reported as PSNR / SSIM of the decoded images against B from scratch (same seeds).
-    """
+    def pooled_sim(pa, pb) -> float:
+        v = np.asarray(pipe.text_encoder.pooled([pa, pb]), np.float64)
+        return float(np.clip(v[0] @ v[1] / np.prod(np.linalg.norm(v, axis=1)), -1.0, 1.0))
 
-    name = "embedded"
-
-    def __init__(self, samples: int = 4, per_band: int = 2, seed: int = 0):
-        from rfmpc.data.grammar import sample_scene, to_prompt
-        from rfmpc.data.scene import DEFAULT_SHAPES
-        from rfmpc.data.train_text import mutate_scene
-        from rfmpc.pipeline import load_pipeline
-
-        self.pipe = load_pipeline(None)
-        self.field = self.pipe.guided_field(self.pipe.default_guidance)
-        self.shift = self.pipe.shift
-        self.samples = samples
-        self._k_noise = jax.random.key(seed)
-        rng = np.random.default_rng(seed)
-        found: dict[str, list] = {b[2]: [] for b in BANDS}
-        for _ in range(4000):
-            if all(len(v) >= per_band for v in found.values()):
-                break
-            a = sample_scene(rng, n_objects=int(rng.integers(1, 3)))
-            b = mutate_scene(a, rng, int(rng.integers(1, 4)), shapes=DEFAULT_SHAPES)
-            pa, pb = to_prompt(a), to_prompt(b)
-            pooled = np.asarray(self.pipe.text_encoder.pooled([pa, pb]), np.float64)
-            sim = float(pooled[0] @ pooled[1] / np.prod(np.linalg.norm(pooled, axis=1)))
-            for lo, hi, name in BANDS:
-                if lo <= sim < hi and len(found[name]) < per_band:
-                    found[name].append((pa, pb, sim))
-        self._pairs = found
-
-    def noise(self) -> jax.Array:
-        shape = self.pipe.latent_shape(self.samples, None, None)
-        return jax.random.normal(self._k_noise, shape)
-
-    def _cond(self, prompt: str):
-        c, u = self.pipe.encode_prompt([prompt] * self.samples)
-        return (c, u)
-
-    def decode(self, x):
-        return self.pipe.decode(x)
-
-    def fidelity(self, label: str, images) -> float:
-        """Fraction of images with every attribute of prompt B right (exact analyzer)."""
-        from rfmpc.data import attribute_accuracy, parse_prompt
-
-        scene = parse_prompt(self._prompt_b[label])
-        return float(np.mean([attribute_accuracy(im, scene)["all"] for im in np.asarray(images)]))
-
-    def pairs(self) -> Iterator[Pair]:
-        self._prompt_b = {}
-        for band, items in self._pairs.items():
-            for i, (pa, pb, sim) in enumerate(items):
-                self._prompt_b[f"sim {band} #{i}"] = pb
-                yield Pair(f"sim {band} #{i}", band, round(sim, 3), self._cond(pa), self._cond(pb))
-
-
-PROVIDERS: dict[str, Callable[..., FieldProvider]] = {
-    "gmm": GMMProvider,
-    "embedded": EmbeddedProvider,
-}
+    pairs = []
+    for kind in EDIT_KINDS:
+        for _ in range(per_kind):
+            pa, pb = draw(kind)
+            s = pooled_sim(pa, pb)
+            pairs.append(Pair(kind, pa, pb, s, _band(s)))
+    for _ in range(2000):  # fill the bands
+        counts = {name: sum(p.band == name for p in pairs) for *_, name in BANDS}
+        if min(counts.values()) >= min_per_band:
+            break
+        kind = EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
+        pa, pb = draw(kind)
+        s = pooled_sim(pa, pb)
+        if counts[_band(s)] < min_per_band:
+            pairs.append(Pair(kind, pa, pb, s, _band(s)))
+    return pairs
 
 
 # ----------------------------------------------------------------------------- measurement
-def _rmse(x, ref) -> float:
-    return float(jnp.sqrt(jnp.mean(jnp.sum((x - ref) ** 2, axis=-1))))
+def _block(o):
+    jax.block_until_ready(jax.tree.leaves(o))
+    return o
 
 
-def _image_scores(provider, x, ref, label: str) -> dict:
-    """PSNR (dB) and SSIM of decoded images vs the decoded reference, and prompt fidelity
-    (fraction of images with every attribute of B right) for providers that decode."""
-    if not hasattr(provider, "decode"):
-        return {}
-    from rfmpc.inverse.metrics import psnr, ssim
+def _median_time(fn, runs: int) -> float:
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        _block(fn())
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
 
-    a, b = provider.decode(x), provider.decode(ref)
+
+def measure_ratios(field, x, sigma, cond, runs: int = 15) -> dict:
+    """Cost of one JVP and one VJP relative to one forward pass (jitted, interleaved medians)."""
+    f = jax.jit(lambda z: field(z, sigma, cond))
+    t = jnp.ones_like(x)
+    jvp = jax.jit(lambda z: jax.jvp(lambda y: field(y, sigma, cond), (z,), (t,)))
+    vjp = jax.jit(lambda z: jax.vjp(lambda y: field(y, sigma, cond), z)[1](t))
+    for fn in (f, jvp, vjp):
+        _block(fn(x))
+    times = {"forward": [], "jvp": [], "vjp": []}
+    for _ in range(runs):
+        for name, fn in (("forward", f), ("jvp", jvp), ("vjp", vjp)):
+            s = time.perf_counter()
+            _block(fn(x))
+            times[name].append(time.perf_counter() - s)
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "psnr_db": float(jnp.mean(psnr(a, b))),
-        "ssim": float(jnp.mean(ssim(a, b))),
-        "fidelity": provider.fidelity(label, a),
+        "forward_ms": 1e3 * med["forward"],
+        "jvp": med["jvp"] / med["forward"],
+        "vjp": med["vjp"] / med["forward"],
     }
 
 
-def _timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(jax.tree.leaves(out))
-    return out, time.perf_counter() - t
+class Setup:
+    """Trajectories of one split: A's path, B-28, B-112, and the images and scores."""
+
+    def __init__(self, pipe, pairs: list[Pair], seeds: int, steps: int):
+        from rfmpc.data import attribute_accuracy, parse_prompt
+
+        self.pipe, self.pairs, self.seeds, self.steps = pipe, pairs, seeds, steps
+        self.field = pipe.guided_field(pipe.default_guidance)
+        p, s = len(pairs), seeds
+        shape = pipe.latent_shape(s, None, None)
+        eps1 = jax.random.normal(jax.random.key(7), shape)
+        self.eps = jnp.tile(eps1, (p, 1, 1, 1))  # the same seeds for every pair
+        flat = lambda prompts: [q for q in prompts for _ in range(s)]
+        self.cond_a = pipe.encode_prompt(flat([q.prompt_a for q in pairs]))
+        self.cond_b = pipe.encode_prompt(flat([q.prompt_b for q in pairs]))
+        self.sigmas = pipe.sigmas(steps)
+        _, self.xa = integrate_path(self.field, self.eps, self.sigmas, self.cond_a)
+        self.b28 = integrate(self.field, self.eps, self.sigmas, self.cond_b).x
+        self.b112 = integrate(self.field, self.eps, pipe.sigmas(4 * steps), self.cond_b).x
+        self.img28 = pipe.decode(self.b28)
+        self.img112 = pipe.decode(self.b112)
+        self.scenes_b = [parse_prompt(q.prompt_b) for q in pairs for _ in range(s)]
+        self._acc = attribute_accuracy
+        self._scratch: dict[int, dict] = {}
+
+    def per_pair(self, a):
+        """``(P * S, ...)`` -> ``(P, S, ...)``."""
+        return jax.tree.map(lambda t: t.reshape((len(self.pairs), self.seeds, *t.shape[1:])), a)
+
+    def flat(self, a):
+        return jax.tree.map(lambda t: t.reshape((-1, *t.shape[2:])), a)
+
+    def score(self, x) -> dict:
+        from rfmpc.inverse.metrics import psnr
+
+        img = self.pipe.decode(x)
+        return {
+            "psnr28": np.asarray(psnr(img, self.img28), np.float64),
+            "psnr112": np.asarray(psnr(img, self.img112), np.float64),
+            "fidelity": np.array(
+                [self._acc(np.asarray(im), sc)["all"] for im, sc in zip(img, self.scenes_b)],
+                np.float64,
+            ),
+        }
+
+    def scratch(self, n: int) -> dict:
+        """B from scratch on an ``n``-step grid (the equal-cost baseline), scored."""
+        n = max(1, int(n))
+        if n not in self._scratch:
+            x = integrate(self.field, self.eps, self.pipe.sigmas(n), self.cond_b).x
+            self._scratch[n] = self.score(x)
+        return self._scratch[n]
+
+    def state(self, k: int):
+        """A's stacked per-pair states at ``k`` and what the cache stores beside them."""
+        sig = self.sigmas
+        xk = self.xa[k]
+        v_a = self.field(xk, sig[k], self.cond_a)
+        key = jax.random.key(11)
+        keys = jax.random.split(key, len(self.pairs))
+        states = TrajectoryState(
+            x=self.per_pair(xk),
+            step=jnp.full((len(self.pairs),), k, jnp.int32),
+            sigmas=jnp.tile(sig[None], (len(self.pairs), 1)),
+            key=keys,
+            cond=self.per_pair(self.cond_a),
+        )
+        cached = SwitchCache(
+            velocity=self.per_pair(v_a),
+            final=self.per_pair(self.xa[-1]),
+            noise=self.per_pair(self.eps),
+        )
+        return states, cached
 
 
-def run(provider: FieldProvider, num_steps: int, ks: list[int]) -> list[dict]:
-    """All (pair, k, method) rows for one provider."""
-    field, n = provider.field, num_steps
-    sig = flowmatch_sigmas(n, provider.shift)
-    eps = provider.noise()
-    key = jax.random.key(1234)
-    rows: list[dict] = []
-    pairs = list(provider.pairs())
-    traj = {}  # per pair: A's path and B's reference
-    for pr in pairs:
-        _, xs_a = integrate_path(field, eps, sig, pr.cond_a)
-        _, xs_b = integrate_path(field, eps, sig, pr.cond_b)
-        traj[pr.label] = (xs_a, xs_b[-1])
+def run_k(setup: Setup, k: int, rows: list, ratios: dict, timing: bool, timing_runs: int):
+    """Every controller at switch step ``k``: per-image records and per-method summaries."""
+    states, cached = setup.state(k)
+    conds_b = setup.per_pair(setup.cond_b)
+    sims = jnp.asarray([p.similarity for p in setup.pairs], jnp.float32)
+    out = []
+    single = {}
+    for label, ctrl in rows:
+        print(f"  k={k} {label}", file=sys.stderr, flush=True)
+        call = lambda c=ctrl: switch_batch(
+            setup.field, states, conds_b, c, similarity=sims, cached=cached
+        )
+        _block(call().x)  # compile
+        t0 = time.perf_counter()
+        res = call()
+        _block(res.x)
+        wall = time.perf_counter() - t0
+        sc = setup.score(setup.flat(res.x))
+        fwd = np.asarray(res.cost.forwards, np.float64)
+        jv, vj = np.asarray(res.cost.jvps, np.float64), np.asarray(res.cost.vjps, np.float64)
+        fe = fwd + ratios["jvp"] * jv + ratios["vjp"] * vj
+        out.append(
+            {
+                "k": k,
+                "method": label,
+                "wall_batched_s": wall,
+                "forwards": fwd,
+                "jvps": jv,
+                "vjps": vj,
+                "fe": fe,
+                "outcomes": [OUTCOMES[int(np.asarray(r._value))] for r in res.results],
+                **sc,
+            }
+        )
+        if timing:
+            one = jax.tree.map(lambda a: a[0], states)
+            one_c = jax.tree.map(lambda a: a[0], cached)
+            one_b = jax.tree.map(lambda a: a[0], conds_b)
+            single[label] = lambda c=ctrl, st=one, cb=one_b, ca=one_c: switch(
+                setup.field, st, cb, c, similarity=float(sims[0]), cached=ca
+            ).state.x
+            _block(single[label]())
+    if timing:  # interleaved repeats of a single pair's switch
+        walls = {label: [] for label in single}
+        for _ in range(timing_runs):
+            for label, fn in single.items():
+                t0 = time.perf_counter()
+                _block(fn())
+                walls[label].append(time.perf_counter() - t0)
+        for rec in out:
+            rec["wall_single_s"] = statistics.median(walls[rec["method"]])
+    # equal-cost baselines (per pair budget, rounded)
+    s = setup.seeds
+    for rec in out:
+        eq = {"psnr28": [], "psnr112": [], "fidelity": []}
+        for i, budget in enumerate(rec["fe"]):
+            sc = setup.scratch(round(float(budget)))
+            for key_ in eq:
+                eq[key_].append(sc[key_][i * s : (i + 1) * s])
+        rec.update({f"eq_{key_}": np.concatenate(v) for key_, v in eq.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+def _cluster_boot(values: np.ndarray, clusters: int, fn=np.median, n: int = 2000, seed: int = 0):
+    """``fn`` over all values and its 95% CI by resampling clusters (rows of ``values``)."""
+    v = np.asarray(values, np.float64).reshape(clusters, -1)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, clusters, size=(n, clusters))
+    stats = np.array([fn(v[i].reshape(-1)) for i in idx])
+    return float(fn(v.reshape(-1))), float(np.percentile(stats, 2.5)), float(
+        np.percentile(stats, 97.5)
+    )
+
+
+def _cap(x):
+    return np.minimum(np.asarray(x, np.float64), 100.0)  # identical images: inf -> 100 dB
+
+
+def summarise(recs: list[dict], pairs: list[Pair]) -> list[dict]:
+    p = len(pairs)
+    by = {(r["k"], r["method"]): r for r in recs}
+    out = []
+    for r in recs:
+        d = by[r["k"], "direct"]
+        row = {"k": r["k"], "method": r["method"]}
+        for name, ref in (("psnr28", None), ("psnr112", None)):
+            row[name] = _cluster_boot(_cap(r[name]), p)
+            row[f"{name}_vs_direct"] = _cluster_boot(_cap(r[name]) - _cap(d[name]), p)
+            row[f"{name}_vs_equal"] = _cluster_boot(_cap(r[name]) - _cap(r[f"eq_{name}"]), p)
+            row[f"eq_{name}"] = _cluster_boot(_cap(r[f"eq_{name}"]), p)
+        row["fidelity"] = _cluster_boot(r["fidelity"], p, np.mean)
+        row["eq_fidelity"] = _cluster_boot(r["eq_fidelity"], p, np.mean)
+        row["forwards"] = float(np.median(r["forwards"]))
+        row["jvps"] = float(np.median(r["jvps"]))
+        row["vjps"] = float(np.median(r["vjps"]))
+        row["fe"] = float(np.median(r["fe"]))
+        row["wall_batched_s"] = r["wall_batched_s"]
+        if "wall_single_s" in r:
+            row["wall_single_s"] = r["wall_single_s"]
+            row["wall_vs_direct"] = r["wall_single_s"] / d["wall_single_s"]
+        row["fallbacks"] = sum(o != "successful" for o in r["outcomes"])
+        kinds = sorted({q.kind for q in pairs})
+        per_kind = {}
+        for kind in kinds:
+            rows_ = [i for i, q in enumerate(pairs) if q.kind == kind]
+            vals = _cap(r["psnr28"]).reshape(p, -1)[rows_]
+            dv = _cap(d["psnr28"]).reshape(p, -1)[rows_]
+            per_kind[kind] = (float(np.median(vals)), float(np.median(vals - dv)))
+        row["per_kind"] = per_kind
+        out.append(row)
+    return out
+
+
+def _ci(t) -> str:
+    return f"{t[0]:.1f} [{t[1]:.1f}, {t[2]:.1f}]"
+
+
+def markdown(summary: list[dict], header: str, pairs: list[Pair], ratios: dict) -> str:
+    ks = sorted({r["k"] for r in summary})
+    lines = [header, ""]
+    bands = {name: sum(q.band == name for q in pairs) for *_, name in BANDS}
+    kinds = {}
+    for q in pairs:
+        kinds[q.kind] = kinds.get(q.kind, 0) + 1
+    lines += [
+        f"- pairs: {len(pairs)} ({', '.join(f'{k} {v}' for k, v in kinds.items())}); "
+        f"bands: {', '.join(f'{k} {v}' for k, v in bands.items())}",
+        f"- measured cost of one JVP / VJP in forward passes: {ratios['jvp']:.2f} / "
+        f"{ratios['vjp']:.2f} (forward {ratios['forward_ms']:.2f} ms, one pair's batch)",
+        "- PSNR in dB (data range 1, per image), medians with 95% cluster-bootstrap CIs; "
+        "'vs' columns are medians of paired per-image differences; identical images count as "
+        "100 dB",
+        "",
+    ]
     for k in ks:
-        for pi, pr in enumerate(pairs):
-            xs_a, ref = traj[pr.label]
-            st = TrajectoryState(xs_a[k], k, sig, key=key, cond=pr.cond_a)
-            sim = float(
-                velocity_similarity(
-                    field(xs_a[k], sig[k], pr.cond_a), field(xs_a[k], sig[k], pr.cond_b)
-                )
-            )
-            base = dict(
-                provider=provider.name,
-                family=pr.family,
-                delta=pr.delta,
-                pair=pr.label,
-                k=k,
-                sigma_k=float(sig[k]),
-                similarity=sim,
-                N=n,
-            )
-            if hasattr(provider, "decode"):
-                rows.append(
-                    dict(
-                        base,
-                        method="B from scratch (target)",
-                        rmse=0.0,
-                        nfe=n,
-                        wall_s=float("nan"),
-                        planning_s=0.0,
-                        psnr_db=float("inf"),
-                        ssim=1.0,
-                        fidelity=provider.fidelity(pr.label, provider.decode(ref)),
-                    )
-                )
-            # baselines: A's own result (no switch) and B from scratch with N - k steps
-            rows.append(
-                dict(
-                    base,
-                    method="no-switch (A's image)",
-                    rmse=_rmse(xs_a[-1], ref),
-                    nfe=n - k,
-                    wall_s=float("nan"),
-                    planning_s=0.0,
-                )
-            )
-            eq_fn = lambda cb=pr.cond_b, m=n - k: (
-                from_scratch_equal_nfe(field, eps, cb, m, provider.shift).x
-            )
-            if pi == 0:
-                _timed(eq_fn)
-            x_eq, t_eq = _timed(eq_fn)
-            rows.append(
-                dict(
-                    base,
-                    **_image_scores(provider, x_eq, ref, pr.label),
-                    method="equal-NFE (N-k steps)",
-                    rmse=_rmse(x_eq, ref),
-                    nfe=n - k,
-                    wall_s=t_eq,
-                    planning_s=0.0,
-                )
-            )
-            for label, method, opts in METHOD_ROWS:
-                call = lambda m=method, o=opts, st=st, cb=pr.cond_b: switch(
-                    field, st, cb, method=m, noise=eps, **o
-                )
-                if pi == 0:  # compile (and warm up) once per (method, k): shapes are shared
-                    call()
-                res = call()
-                rows.append(
-                    dict(
-                        base,
-                        **_image_scores(provider, res.state.x, ref, pr.label),
-                        method=label,
-                        rmse=_rmse(res.state.x, ref),
-                        nfe=res.nfe,
-                        wall_s=res.wall_s,
-                        planning_s=res.planning_s,
-                        fallback=res.fallback,
-                    )
-                )
-            print(f"  k={k} {pr.label}: done", file=sys.stderr, flush=True)
-    for r in rows:
-        r["speedup"] = r["N"] / r["nfe"] if r["nfe"] else float("nan")
-    return rows
-
-
-# ----------------------------------------------------------------------------- reporting
-def _method_order(rows):
-    seen = []
-    for r in rows:
-        if r["method"] not in seen:
-            seen.append(r["method"])
-    return seen
-
-
-def markdown(rows: list[dict], header: str) -> str:
-    all_methods = _method_order(rows)
-    methods = [m for m in all_methods if not m.startswith("B from scratch")]
-    cols = sorted(
-        {(r["family"], r["delta"], r["k"]) for r in rows}, key=lambda c: (c[2], c[0], c[1])
-    )
-    ks = sorted({r["k"] for r in rows})
-    get = {(r["method"], r["family"], r["delta"], r["k"]): r for r in rows}
-    out = [header, "", "### RMSE vs B from scratch (same seed, N steps); lower is better", ""]
-    out.append("| method | " + " | ".join(f"{f} d={d} k={k}" for f, d, k in cols) + " |")
-    out.append("|---|" + "---|" * len(cols))
-    sims = " | ".join(f"{get['direct', f, d, k]['similarity']:.3f}" for f, d, k in cols)
-    out.append(f"| *(velocity cosine at x_k)* | {sims} |")
-    for m in methods:
-        cells = []
-        for f, d, k in cols:
-            r = get.get((m, f, d, k))
-            best = min(
-                get[mm, f, d, k]["rmse"]
-                for mm in methods
-                if (mm, f, d, k) in get and not mm.startswith("no-switch")
-            )
-            txt = f"{r['rmse']:.4f}" if r else "-"
-            cells.append(f"**{txt}**" if r and r["rmse"] == best else txt)
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
-    if any("psnr_db" in r for r in rows):
-        out += [
+        rows = [r for r in summary if r["k"] == k]
+        lines += [
+            f"### k = {k} of 28",
             "",
-            "### PSNR dB / SSIM vs B from scratch (same seeds) / prompt fidelity "
-            "(share of images with every attribute of B right, exact analyzer)",
-            "",
+            "| method | fwd | jvp | vjp | fwd-eq | wall (1 pair) | x direct | PSNR vs B-28 | "
+            "vs direct | vs equal-cost | PSNR vs B-112 | vs direct | fidelity | equal-cost "
+            "fidelity | fallbacks |",
+            "|---|" + "---|" * 14,
         ]
-        out.append("| method | " + " | ".join(f"{f} ({d}) k={k}" for f, d, k in cols) + " |")
-        out.append("|---|" + "---|" * len(cols))
-        for m in all_methods:
-            if m.startswith("no-switch") or "psnr_db" not in get.get((m, *cols[0]), {}):
-                continue
-            cells = [
-                f"{get[m, f, d, k]['psnr_db']:.1f} / {get[m, f, d, k]['ssim']:.3f} / "
-                f"{get[m, f, d, k]['fidelity']:.2f}"
-                if (m, f, d, k) in get
-                else "-"
-                for f, d, k in cols
-            ]
-            out.append(f"| {m} | " + " | ".join(cells) + " |")
-    out += ["", "### Cost (NFE, speedup = N / NFE; times: median over pairs, compiled, CPU)", ""]
-    out.append(
-        "| method | "
-        + " | ".join(f"NFE k={k} | speedup k={k}" for k in ks)
-        + " | wall ms | planning ms | helps vs direct (of "
-        + str(len(cols))
-        + ") |"
-    )
-    out.append("|---|" + "---|" * (2 * len(ks) + 3))
-    for m in methods:
-        cells = []
-        for k in ks:
-            rs = [r for r in rows if r["method"] == m and r["k"] == k]
-            nfes = sorted({r["nfe"] for r in rs})
-            nfe = f"{nfes[0]}" if len(nfes) == 1 else f"{nfes[0]}-{nfes[-1]}"
-            sp = statistics.median(r["speedup"] for r in rs)
-            cells += [nfe, f"{sp:.2f}x"]
-        rs = [r for r in rows if r["method"] == m]
-        wall = statistics.median(r["wall_s"] for r in rs) * 1e3
-        plan = statistics.median(r["planning_s"] for r in rs) * 1e3
-        wins = sum(r["rmse"] < get["direct", r["family"], r["delta"], r["k"]]["rmse"] for r in rs)
-        out.append(f"| {m} | " + " | ".join(cells) + f" | {wall:.1f} | {plan:.1f} | {wins} |")
-    return "\n".join(out) + "\n"
+        for r in rows:
+            wall = f"{1e3 * r['wall_single_s']:.1f} ms" if "wall_single_s" in r else "-"
+            ratio = f"{r['wall_vs_direct']:.2f}" if "wall_vs_direct" in r else "-"
+            lines.append(
+                f"| {r['method']} | {r['forwards']:.0f} | {r['jvps']:.0f} | {r['vjps']:.0f} | "
+                f"{r['fe']:.1f} | {wall} | {ratio} | {_ci(r['psnr28'])} | "
+                f"{_ci(r['psnr28_vs_direct'])} | {_ci(r['psnr28_vs_equal'])} | "
+                f"{_ci(r['psnr112'])} | {_ci(r['psnr112_vs_direct'])} | "
+                f"{r['fidelity'][0]:.2f} | {r['eq_fidelity'][0]:.2f} | {r['fallbacks']} |"
+            )
+        lines.append("")
+        kinds_ = list(rows[0]["per_kind"])
+        lines += [
+            f"PSNR vs B-28 by edit kind at k = {k} (median; in brackets: median paired gain "
+            "over direct)",
+            "",
+            "| method | " + " | ".join(kinds_) + " |",
+            "|---|" + "---|" * len(kinds_),
+        ]
+        for r in rows:
+            cells = [f"{v[0]:.1f} ({v[1]:+.1f})" for v in r["per_kind"].values()]
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(summary: list[dict], curve: dict, path: Path) -> None:
+    """Per k: PSNR vs cost for every controller (95% CIs), the equal-cost curve, the front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = _method_order(rows)
-    fams = sorted({r["family"] for r in rows})
-    fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 5), sharey=True)
-    axes = np.atleast_1d(axes)
+    ks = sorted({r["k"] for r in summary})
+    fig, axes = plt.subplots(2, len(ks), figsize=(4.6 * len(ks), 8.5), squeeze=False)
     cmap = plt.get_cmap("tab20")
-    for ax, fam in zip(axes, fams):
-        ks = sorted({r["k"] for r in rows})
-        marks = "os^Dv"
-        for i, m in enumerate(methods):
-            for j, k in enumerate(ks):
-                rs = [r for r in rows if r["method"] == m and r["family"] == fam and r["k"] == k]
-                use_psnr = all("psnr_db" in r and np.isfinite(r["psnr_db"]) for r in rs)
-                if not rs or (any("psnr_db" in r for r in rows) and not use_psnr):
-                    continue
-                ax.scatter(
-                    [r["speedup"] for r in rs],
-                    [r["psnr_db"] if use_psnr else r["rmse"] for r in rs],
-                    s=[18 + 40 * r["delta"] for r in rs],
-                    color=cmap(i % 20),
-                    marker=marks[j % len(marks)],
-                    label=m if j == 0 else None,
-                    alpha=0.8,
-                )
-        ax.set_xscale("log")
-        if not any("psnr_db" in r for r in rows):
-            ax.set_yscale("log")
-        ax.axvline(1.0, color="gray", lw=0.8, ls=":")
-        ax.set_xlabel("speedup vs B from scratch (N / NFE)")
-        ax.set_title(f"{rows[0]['provider']} '{fam}': marker o/s/^ = k in {ks}")
-        ax.grid(alpha=0.3, which="both")
-    has_psnr = any("psnr_db" in r for r in rows)
-    axes[0].set_ylabel(
-        "PSNR dB vs B from scratch (same seeds)"
-        if has_psnr
-        else "RMSE vs B from scratch (same seed)"
-    )
-    axes[-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    for col, k in enumerate(ks):
+        rows = [r for r in summary if r["k"] == k]
+        for row, (key, ref) in enumerate((("psnr28", "B-28"), ("psnr112", "B-112"))):
+            ax = axes[row, col]
+            ns = sorted(curve)
+            ax.plot(ns, [curve[n][key] for n in ns], "k--", lw=1, label="B from scratch (n steps)")
+            pts = []
+            for r in rows:
+                i = methods.index(r["method"])
+                m, lo, hi = r[key]
+                ax.errorbar(r["fe"], m, yerr=[[m - lo], [hi - m]], fmt="o", color=cmap(i % 20),
+                            label=r["method"] if (row, col) == (0, 0) else None, ms=5)
+                pts.append((r["fe"], m))
+            front = sorted(pts)
+            best, fr = -np.inf, []
+            for x, y in front:
+                if y > best:
+                    fr.append((x, y))
+                    best = y
+            ax.plot(*zip(*fr), color="tab:red", lw=1, alpha=0.6)
+            ax.set_xscale("log")
+            ax.set_title(f"k = {k}: PSNR vs {ref}")
+            ax.set_xlabel("forward-equivalents per pair (measured JVP/VJP cost)")
+            ax.set_ylabel(f"median PSNR vs {ref} (dB)")
+            ax.grid(alpha=0.3, which="both")
+    fig.legend(loc="lower center", ncol=6, fontsize=7)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- tuning
+TUNE_GRID = {
+    "effort_weight": (3e-4, 1e-3, 3e-3),
+    "control_steps": (2, 3, 4, 6),
+    "decay": (0.5, 0.7, 0.85),
+}
+
+
+def tune(setup: Setup, ks: list[int], ratios: dict) -> dict:
+    """Grid search of the MPC's weights on the dev split; velocity-cosine terciles for
+    ``Adaptive``."""
+    import itertools
+
+    results = []
+    base = {}
+    for k in ks:
+        base[k] = run_k(setup, k, [("direct", Direct())], ratios, False, 0)[0]
+    for r, m, d in itertools.product(*TUNE_GRID.values()):
+        label = f"mpc r={r:g} m={m} d={d:g}"
+        gains28, gains112 = [], []
+        for k in ks:
+            rec = run_k(setup, k, [(label, MPC(effort_weight=r, control_steps=m, decay=d))],
+                        ratios, False, 0)[0]
+            gains28.append(float(np.median(_cap(rec["psnr28"]) - _cap(base[k]["psnr28"]))))
+            gains112.append(float(np.median(_cap(rec["psnr112"]) - _cap(base[k]["psnr112"]))))
+        results.append(
+            {"effort_weight": r, "control_steps": m, "decay": d, "gain28": gains28,
+             "gain112": gains112, "score": float(np.mean(gains28))}
+        )
+        print(f"  {label}: {gains28} / {gains112}", file=sys.stderr, flush=True)
+    results.sort(key=lambda z: (-z["score"], -float(np.mean(z["gain112"]))))
+    # velocity cosines at the cached state, per pair, at each k
+    cos = {}
+    for k in ks:
+        xk = setup.xa[k]
+        va = setup.per_pair(setup.field(xk, setup.sigmas[k], setup.cond_a))
+        vb = setup.per_pair(setup.field(xk, setup.sigmas[k], setup.cond_b))
+        num = jnp.sum(va * vb, axis=(1, 2, 3, 4))
+        den = jnp.linalg.norm(va.reshape(va.shape[0], -1), axis=1) * jnp.linalg.norm(
+            vb.reshape(vb.shape[0], -1), axis=1
+        )
+        cos[k] = np.asarray(num / den).tolist()
+    allc = np.concatenate([np.asarray(v) for v in cos.values()])
+    return {
+        "ks": ks,
+        "grid": TUNE_GRID,
+        "results": results,
+        "best": results[0],
+        "velocity_cosines": cos,
+        "velocity_terciles": [float(np.percentile(allc, 66.7)), float(np.percentile(allc, 33.3))],
+    }
+
+
+# ----------------------------------------------------------------------------- GMM
+def gmm_report(samples: int = 512) -> tuple[str, list[dict]]:
+    """Exact conditional GMM: analytic-linearisation MPC vs the exact-Jacobian MPC (per-sample
+    2x2 JVP blocks are the exact Jacobian; OSQP to 1e-6 solves its QP) vs the direct switch."""
+    from rfmpc.flow import ConditionalGaussianMixture
+
+    key = jax.random.key(0)
+    k_dir, k_noise = jax.random.split(key)
+    dirs = jax.random.normal(k_dir, (3, 2))
+    dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
+    fams = {
+        "wide": ([[-1.5, 0.0], [1.5, 0.5], [0.0, -2.5]], [0.1, 0.2, 0.15]),
+        "tight": ([[-2.0, 0.0], [1.5, 1.5], [1.0, -2.0]], [0.05, 0.1, 0.2]),
+    }
+    deltas = (0.1, 0.3, 1.0)
+    n = 28
+    sig = flowmatch_sigmas(n, 3.0)
+    eps = jax.random.normal(k_noise, (samples, 2))
+    ctrls = {
+        "direct": Direct(),
+        "mpc (analytic J, LQR)": MPC(),
+        "mpc (exact J, OSQP)": MPC(linearisation=JVPBlocks(), solver=OSQP(tol=1e-6)),
+        "mpc (frozen 8, LQR)": MPC(linearisation=Frozen(probes=8)),
+    }
+    rows = []
+    for fam, (m, v) in fams.items():
+        m = jnp.asarray(m)
+        cov = jnp.asarray(v)[:, None, None] * jnp.eye(2)[None]
+        for d in deltas:
+            gm = ConditionalGaussianMixture(
+                jnp.ones((2, 3)) / 3, jnp.stack([m, m + d * dirs]), jnp.stack([cov, cov])
+            )
+            _, xa = integrate_path(gm, eps, sig, jnp.int32(0))
+            xb = integrate(gm, eps, sig, jnp.int32(1)).x
+            for k in (7, 14):
+                st = TrajectoryState(xa[k], k, sig, key=jax.random.key(1), cond=jnp.int32(0))
+                cached = SwitchCache(velocity=gm(xa[k], sig[k], jnp.int32(0)), noise=eps)
+                for name, c in ctrls.items():
+                    r = switch(gm, st, jnp.int32(1), c, cached=cached)
+                    rmse = float(jnp.sqrt(jnp.mean(jnp.sum((r.state.x - xb) ** 2, -1))))
+                    rows.append({"family": fam, "delta": d, "k": k, "method": name,
+                                 "rmse": rmse, "outcome": r.outcome, **r.cost.to_dict()})
+    lines = [
+        "| family | delta | k | direct | MPC analytic J | MPC exact J | MPC frozen | "
+        "gap analytic vs exact |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    get = {(r["family"], r["delta"], r["k"], r["method"]): r for r in rows}
+    for fam in fams:
+        for d in deltas:
+            for k in (7, 14):
+                e = [get[fam, d, k, name]["rmse"] for name in ctrls]
+                gap = (e[1] - e[2]) / e[2]
+                lines.append(
+                    f"| {fam} | {d} | {k} | {e[0]:.4f} | {e[1]:.4f} | {e[2]:.4f} | {e[3]:.4f} | "
+                    f"{100 * gap:+.1f}% |"
+                )
+    return "\n".join(lines) + "\n", rows
+
+
+# ----------------------------------------------------------------------------- main
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def _header(title: str, args, extra: str = "") -> str:
+    dev = jax.devices()[0]
+    return (
+        f"## {title}\n\n- device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} cores; "
+        f"jax {jax.__version__}; date {_dt.date.today().isoformat()}; load average (1 min) at "
+        f"start {args.load_start:.2f}, end {_load():.2f}\n"
+        f"- command: `python benchmarks/switch_quality.py {' '.join(args.argv)}`{extra}"
+    )
+
+
+def _jsonable(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--provider", default="gmm", choices=sorted(PROVIDERS))
-    ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--ks", default="7,14", help="switch steps, comma separated")
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--save", action="store_true", help="write results/<date>-cpu-...{md,png,json}")
-    ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    ap.add_argument("--provider", default="embedded", choices=("embedded", "gmm"))
+    ap.add_argument("--split", default=None, choices=("dev", "heldout"),
+                    help="default: heldout (dev with --tune)")
+    ap.add_argument("--per-kind", type=int, default=3, help="pairs per edit kind")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--ks", default="5,10,14,18")
+    ap.add_argument("--methods", default=None, help="comma-separated row labels")
+    ap.add_argument("--timing-runs", type=int, default=7)
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 pair per kind, 1 seed")
+    ap.add_argument("--save", action="store_true")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.load_start = _load()
+    if args.seeds < 1 or args.per_kind < 1:
+        ap.error("--seeds and --per-kind must be >= 1")
     ks = [int(k) for k in args.ks.split(",")]
-    if any(not 0 < k < args.steps for k in ks):
-        ap.error(f"every k must lie in (0, {args.steps})")
-    provider = PROVIDERS[args.provider](samples=args.samples)
-    if args.provider == "embedded" and args.samples > 16:
-        ap.error("--samples is the number of seeds per state for the embedded model (<= 16)")
-    dev = jax.devices()[0]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if any(not 0 < k < 28 for k in ks):
+        ap.error("every k must lie in (0, 28)")
+    stamp = _dt.date.today().isoformat()
+    if args.provider == "gmm":
+        table, rows = gmm_report()
+        md = _header("switch_quality (exact conditional GMM, N = 28, 512 samples)", args) + (
+            "\n\nRMSE of the final latents against B from scratch (same seed). The exact "
+            "Jacobian: per-sample 2x2 JVP blocks (samples are independent).\n\n" + table
+        )
+        print(md)
+        if args.json:
+            print(json.dumps(rows))
+        if args.save:
+            (RESULTS_DIR / f"{stamp}-cpu-switch_quality_gmm.md").write_text(md)
+            (RESULTS_DIR / f"{stamp}-cpu-switch_quality_gmm.json").write_text(json.dumps(rows))
+        return 0
+    from rfmpc.pipeline import load_pipeline
+
+    pipe = load_pipeline(None)
+    split = args.split or ("dev" if args.tune else "heldout")
+    per_kind, seeds = (1, 1) if args.quick else (args.per_kind, args.seeds)
     t0 = time.perf_counter()
-    rows = run(provider, args.steps, ks)
-    total = time.perf_counter() - t0
-    header = (
-        f"## switch_quality ({provider.name}): N={args.steps}, k in {ks}, "
-        f"{args.samples} samples per state\n\n"
-        f"device: {dev.platform} ({dev.device_kind}); jax {jax.__version__}; load average at "
-        f"start {load:.1f}; total {total:.0f} s incl. compilation; date "
-        f"{_dt.date.today().isoformat()}"
+    pairs = make_pairs(pipe, split, per_kind, min_per_band=1 if args.quick else 2)
+    setup = Setup(pipe, pairs, seeds, 28)
+    one = setup.per_pair(setup.xa[10])[0]
+    ratios = measure_ratios(
+        setup.field, one, setup.sigmas[10], jax.tree.map(lambda a: a[:seeds], setup.cond_b)
     )
-    md = markdown(rows, header)
+    if args.tune:
+        res = tune(setup, [k for k in ks if k in (10, 14)] or ks, ratios)
+        res.update(ratios=ratios, pairs=[p.__dict__ for p in pairs], wall_s=time.perf_counter() - t0)
+        best = res["best"]
+        md = _header(f"switch tuning (dev split, {len(pairs)} pairs x {seeds} seeds)", args) + (
+            f"\n\nbest MPC: effort_weight={best['effort_weight']}, control_steps="
+            f"{best['control_steps']}, decay={best['decay']} (median paired gain over direct "
+            f"vs B-28 at k={res['ks']}: {best['gain28']}, vs B-112: {best['gain112']})\n"
+            f"velocity-cosine terciles (Adaptive.velocity_thresholds): "
+            f"{res['velocity_terciles']}\n\n| effort | steps | decay | gain vs B-28 | "
+            "gain vs B-112 |\n|---|---|---|---|---|\n"
+            + "\n".join(
+                f"| {r['effort_weight']:g} | {r['control_steps']} | {r['decay']:g} | "
+                f"{', '.join(f'{g:+.2f}' for g in r['gain28'])} | "
+                f"{', '.join(f'{g:+.2f}' for g in r['gain112'])} |"
+                for r in res["results"]
+            )
+            + "\n"
+        )
+        print(md)
+        if args.save:
+            (RESULTS_DIR / f"{stamp}-cpu-switch_tuning.md").write_text(md)
+            (RESULTS_DIR / f"{stamp}-cpu-switch_tuning.json").write_text(
+                json.dumps(res, default=_jsonable)
+            )
+        return 0
+    rows = controllers()
+    if args.quick:
+        rows = [r for r in rows if r[0] in QUICK]
+    if args.methods:
+        want = args.methods.split(",")
+        rows = [r for r in rows if r[0] in want]
+        if not any(r[0] == "direct" for r in rows):
+            rows.insert(0, ("direct", Direct()))
+    recs = []
+    for k in ks:
+        recs += run_k(setup, k, rows, ratios, timing=not args.quick,
+                      timing_runs=args.timing_runs)
+    summary = summarise(recs, pairs)
+    curve = {}
+    for n in (4, 6, 8, 10, 14, 18, 23, 28):
+        sc = setup.scratch(n)
+        curve[n] = {key: float(np.median(_cap(sc[key]))) for key in ("psnr28", "psnr112")}
+    header = _header(
+        f"switch_quality ({split} split, {len(pairs)} pairs x {seeds} seeds, N = 28)", args,
+        f"\n- total wall {time.perf_counter() - t0:.0f} s (compilation included)",
+    )
+    md = markdown(summary, header, pairs, ratios)
+    md += "\nB from scratch at n steps (the equal-cost curve), median PSNR vs B-28 / B-112: " + (
+        ", ".join(f"{n}: {c['psnr28']:.1f} / {c['psnr112']:.1f}" for n, c in curve.items())
+    ) + "\n"
     print(md)
+    payload = {"summary": summary, "curve": curve, "ratios": ratios,
+               "pairs": [p.__dict__ for p in pairs]}
     if args.json:
-        print(json.dumps(rows, indent=1, default=float))
+        print(json.dumps(payload, default=_jsonable))
     if args.save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"{_dt.date.today().isoformat()}-cpu-switch_quality_{provider.name}"
+        stem = RESULTS_DIR / f"{stamp}-cpu-switch_quality{'_quick' if args.quick else ''}"
         stem.with_suffix(".md").write_text(md)
-        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=float))
-        plot(rows, stem.with_suffix(".png"))
+        stem.with_suffix(".json").write_text(json.dumps(payload, default=_jsonable))
+        plot(summary, curve, stem.with_suffix(".png"))
         print(f"wrote {stem}.{{md,json,png}}", file=sys.stderr)
     return 0
 

@@ -1,9 +1,13 @@
 """``rfmpc switch``: finish prompt B from prompt A's cached state and measure it against B.
 
+An evaluation harness, not a cache: it generates A (or takes A's state from ``--cache`` when an
+entry with A's exact prompt holds the switch step), B from scratch, the switch and the equal-NFE
+baseline, and reports how close the switch came to B.
+
 The JSON contract (other tools parse it): method, at_step, steps, similarity, psnr_db, ssim,
-nfe, wall_s, planning_s, speedup, equal_nfe_psnr_db, fallback; plus nfe_speedup,
-first_call_s (incl. compilation), scratch_wall_s, equal_nfe_ssim, fallback_reason, from, to,
-model and, with ``--cache``, whether A came from the cache.
+nfe, jvps, vjps, wall_s, planning_s, speedup, equal_nfe_psnr_db, fallback; plus nfe_speedup,
+first_call_s (incl. compilation), scratch_wall_s, equal_nfe_ssim, fallback_reason, result, from,
+to, model and, with ``--cache``, whether A came from the cache.
 
 Quality is measured against B generated from scratch with the same seed (the target the switch
 tries to reproduce): PSNR in dB on images in [0, 1] and SSIM (scikit-image definition). Times are
@@ -19,7 +23,45 @@ import time
 import jax
 import numpy as np
 
-__all__ = ["add_switch_parser", "run_switch"]
+__all__ = ["CONTROLLERS", "add_switch_parser", "controller_from_name", "run_switch"]
+
+
+def _controllers() -> dict:
+    from rfmpc.control import (
+        MPC,
+        Adaptive,
+        Blend,
+        Direct,
+        MultipleShooting,
+        Reproject,
+        SDEdit,
+        Shooting,
+        ShootingMPC,
+    )
+
+    return {
+        "direct": Direct,
+        "blend": Blend,
+        "adaptive": Adaptive,
+        "reproject": Reproject,
+        "sdedit": SDEdit,
+        "shooting": Shooting,
+        "multiple-shooting": MultipleShooting,
+        "mpc": MPC,
+        "shooting-mpc": ShootingMPC,
+    }
+
+
+#: CLI names -> controller classes (called with no arguments: each class's defaults). The only
+#: place in rfmpc that maps names to controllers.
+CONTROLLERS: dict = _controllers()
+
+
+def controller_from_name(name: str):
+    """The controller a CLI name stands for, with its defaults."""
+    if name not in CONTROLLERS:
+        raise ValueError(f"unknown controller {name!r}; choose one of: {', '.join(CONTROLLERS)}")
+    return CONTROLLERS[name]()
 
 
 def _timed(fn):
@@ -47,11 +89,10 @@ def run_switch(
     guidance: float | None = None,
 ) -> dict:
     from rfmpc.cache import DiskCacheStore, ResumePolicy
-    from rfmpc.control import METHODS, from_scratch_equal_nfe, switch
+    from rfmpc.control import SwitchCache, from_scratch_equal_nfe, switch
     from rfmpc.inverse.metrics import psnr, ssim
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    controller = controller_from_name(method)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"--steps must be an int >= 2, got {steps!r}")
     g = pipe.default_guidance if guidance is None else guidance
@@ -59,6 +100,7 @@ def run_switch(
     key = jax.random.key(seed)
     pooled = np.asarray(pipe.text_encoder.pooled([prompt_a, prompt_b]), np.float64)
     sim = float(pooled[0] @ pooled[1] / (np.linalg.norm(pooled[0]) * np.linalg.norm(pooled[1])))
+    sim = float(np.clip(sim, -1.0, 1.0))  # the same prompt twice can give 1 + 1 ulp
     policy = ResumePolicy()
     if at is None:
         at = policy.choose_step(sim, steps, list(range(1, steps)))
@@ -102,15 +144,14 @@ def run_switch(
     xb, t_scratch, _ = _timed(scratch)
     res_holder = {}
 
+    # what a cache entry holds beside the state: A's velocity at step k (A's run computed it)
+    # and A's final latent
+    cached = SwitchCache(
+        velocity=field(state_a.x, state_a.sigmas[at], state_a.cond), final=ra.latents
+    )
+
     def do_switch():
-        res_holder["r"] = switch(
-            field,
-            state_a,
-            cond_b,
-            method=method,
-            similarity=sim,
-            final_a=ra.latents if method == "sdedit" else None,
-        )
+        res_holder["r"] = switch(field, state_a, cond_b, controller, similarity=sim, cached=cached)
         return res_holder["r"].state.x
 
     xs, t_switch, t_first = _timed(do_switch)
@@ -127,7 +168,9 @@ def run_switch(
         "similarity": sim,
         "psnr_db": float(psnr(img_s, img_b)[0]),
         "ssim": float(ssim(img_s, img_b)[0]),
-        "nfe": int(res.nfe),
+        "nfe": int(res.cost.forwards),
+        "jvps": int(res.cost.jvps),
+        "vjps": int(res.cost.vjps),
         "wall_s": t_switch,
         "planning_s": float(res.planning_s),
         "speedup": t_scratch / t_switch,
@@ -136,6 +179,7 @@ def run_switch(
         "equal_nfe_ssim": float(ssim(img_e, img_b)[0]),
         "fallback": bool(res.fallback),
         "fallback_reason": res.fallback_reason,
+        "result": res.outcome,
         "first_call_s": t_first,
         "scratch_wall_s": t_scratch,
         "from": prompt_a,
@@ -166,8 +210,6 @@ def run_switch(
 
 
 def add_switch_parser(sub) -> None:
-    from rfmpc.control import METHODS
-
     s = sub.add_parser("switch", help="finish prompt B from prompt A's cached trajectory state")
     s.add_argument("--from", dest="prompt_a", required=True, help="the cached prompt A")
     s.add_argument("--to", dest="prompt_b", required=True, help="the new prompt B")
@@ -176,7 +218,7 @@ def add_switch_parser(sub) -> None:
     at.add_argument(
         "--auto", action="store_true", help="choose k from the prompt similarity (the default)"
     )
-    s.add_argument("--method", choices=sorted(METHODS), default="reproject")
+    s.add_argument("--method", choices=list(CONTROLLERS), default="mpc")
     s.add_argument("--steps", type=int, default=28)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--guidance", type=float, default=None)

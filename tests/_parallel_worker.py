@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rfmpc.control import stack_states, switch_batch
+from rfmpc.control import Direct, SwitchCache, stack_states, switch_batch
 from rfmpc.flow import TrajectoryState
 from rfmpc.inverse import InnerSolver, IsotropicMixtureField, box_inpainting, mpc_rhc
 from rfmpc.parallel import (
@@ -159,22 +159,24 @@ def fast() -> dict:
     ]
     states = stack_states(per)
     conds_b = jax.tree.map(lambda a: a[:, None], p1.encode_prompt(PROMPTS_B))
-    kw = dict(method="direct", noise=st.x[:, None])
+    kw = dict(controller=Direct(), cached=SwitchCache(noise=st.x[:, None]))
     s1 = switch_batch(p1.guided_field(p1.default_guidance), states, conds_b, **kw)
     s8 = switch_batch(p8.guided_field(p8.default_guidance), states, conds_b, mesh=mesh, **kw)
     out["switch"] = {
         "maxdiff": _maxdiff(s1.x, s8.x),
         "x_std": float(np.std(np.asarray(s1.x))),
         "from_a": _maxdiff(s1.x[:, 0], r1.latents),  # B differs from A's own result
-        "nfe_equal": bool(np.array_equal(np.asarray(s1.nfe), np.asarray(s8.nfe))),
+        "nfe_equal": bool(
+            np.array_equal(np.asarray(s1.cost.forwards), np.asarray(s8.cost.forwards))
+        ),
         "x": _batch_split(s8.x, mesh),
         "error_batch": _error(
             lambda: switch_batch(
                 p1.guided_field(2.0),
                 jax.tree.map(lambda a: a[:3], states),
                 jax.tree.map(lambda a: a[:3], conds_b),
-                method="direct",
-                noise=st.x[:3, None],
+                Direct(),
+                cached=SwitchCache(noise=st.x[:3, None]),
                 mesh=mesh,
             )
         ),

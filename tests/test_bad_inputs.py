@@ -37,7 +37,20 @@ from rfmpc.cache import (
     config_hash,
 )
 from rfmpc.cli import main
-from rfmpc.control import stack_states, switch, switch_batch
+from rfmpc.control import (
+    MPC,
+    OSQP,
+    Adaptive,
+    Blend,
+    Direct,
+    JVPBlocks,
+    SDEdit,
+    Shooting,
+    SwitchCache,
+    stack_states,
+    switch,
+    switch_batch,
+)
 from rfmpc.convert import ConversionError, convert_folder
 from rfmpc.flow import StateFileError, TrajectoryState, flowmatch_sigmas, integrate
 from rfmpc.inverse import (
@@ -424,13 +437,13 @@ def switch_from_other_resolution(c):
     )
     eid = store.put("a", POOLED, {2: other}, model_id="m16", config_hash=CHASH)
     state = store.get(eid).states[2]
-    return lambda: switch(_velocity, state, COND_B, method="direct")
+    return lambda: switch(_velocity, state, COND_B, Direct())
 
 
 def switch_from_other_model(c):
     """A state cached with another text encoder (conditioning of another width)."""
     other = STATE.replace(cond={"shift": jnp.zeros((1, 1, 1, 3)), "embeds": jnp.zeros((1, 4))})
-    return lambda: switch(_velocity, other, COND_B, method="blend")
+    return lambda: switch(_velocity, other, COND_B, Blend())
 
 
 def stacked(n=2, state=STATE):
@@ -637,56 +650,85 @@ TABLE: list[Bad] = [
     Bad("cache-hash-no-fields", "cache", call(config_hash), ValueError,
         r"config_hash needs at least one field, e\.g\. config_hash\(num_steps=28\)"),
     # ------------------------------------------------------------------ switch controllers
-    Bad("switch-unknown-method", "control",
-        call(switch, _velocity, STATE, COND_B, method="teleport"), ValueError,
-        r"unknown switch method 'teleport'; valid methods are: direct, blend"),
-    Bad("switch-unknown-option", "control",
-        call(switch, _velocity, STATE, COND_B, method="direct", horizon=3), TypeError,
-        r"unknown switch option\(s\) \['horizon'\]; valid: \["),
-    Bad("switch-not-a-state", "control", call(switch, _velocity, _X, COND_B, method="direct"),
+    Bad("switch-not-a-controller", "control",
+        call(switch, _velocity, STATE, COND_B, "teleport"), TypeError,
+        r"controller must be a controller object such as rfmpc\.control\.Direct\(\) or MPC\(\), "
+        r"got str 'teleport'"),
+    Bad("switch-not-a-state", "control", call(switch, _velocity, _X, COND_B, Direct()),
         TypeError, r"state_a must be a TrajectoryState, got ArrayImpl"),
     Bad("switch-finished-state", "control",
-        call(switch, _velocity, STATE.replace(step=6), COND_B, method="direct"), ValueError,
-        r"state_a is at step 6 of 6: the trajectory is already finished"),
+        call(switch, _velocity, STATE.replace(step=6), COND_B, Direct()), ValueError,
+        r"state_a is at step 6 of 6: the trajectory is already finished; decode state_a\.x"),
     Bad("switch-nan-state", "control",
         call(switch, _velocity, STATE.replace(x=jnp.full((1, 8, 8, 3), jnp.nan)), COND_B,
-             method="direct"),
+             Direct()),
         ValueError, r"state_a\.x contains NaN or inf.*regenerate prompt A's trajectory"),
     Bad("switch-final-a-shape", "control",
-        call(switch, _velocity, STATE, COND_B, method="sdedit", final_a=jnp.zeros((1, 4, 4, 3))),
-        ValueError, r"final_a has shape \(1, 4, 4, 3\); it must be A's final latent, with the "
-        r"state's shape \(1, 8, 8, 3\)"),
+        call(switch, _velocity, STATE, COND_B, SDEdit(),
+             cached=SwitchCache(final=jnp.zeros((1, 4, 4, 3)))),
+        ValueError, r"cached\.final has shape \(1, 4, 4, 3\); it must be A's final latent, with "
+        r"the state's shape \(1, 8, 8, 3\)"),
+    Bad("switch-cached-velocity-nan", "control",
+        call(switch, _velocity, STATE, COND_B, MPC(),
+             cached=SwitchCache(velocity=jnp.full((1, 8, 8, 3), jnp.nan))),
+        ValueError, r"cached\.velocity contains NaN or inf: the cache entry is damaged"),
+    Bad("switch-cached-not-a-cache", "control",
+        call(switch, _velocity, STATE, COND_B, MPC(), cached={"velocity": 1}), TypeError,
+        r"cached must be a rfmpc\.control\.SwitchCache, got dict"),
     Bad("switch-cond-b-structure", "control",
-        call(switch, _velocity, STATE, {"other": jnp.zeros(3)}, method="direct"), ValueError,
+        call(switch, _velocity, STATE, {"other": jnp.zeros(3)}, Direct()), ValueError,
         r"cond_b \{'other': \(3,\)\} does not match state_a\.cond \{'shift': \(1, 1, 1, 3\)\}"),
     Bad("switch-similarity-out-of-range", "control",
-        call(switch, _velocity, STATE, COND_B, method="adaptive", similarity=1.5), ValueError,
+        call(switch, _velocity, STATE, COND_B, Adaptive(), similarity=1.5), ValueError,
         r"similarity must be a cosine similarity in \[-1, 1\], got 1\.5; omit it"),
     Bad("switch-noise-shape", "control",
-        call(switch, _velocity, STATE, COND_B, method="direct", noise=jnp.zeros(3)),
-        ValueError, r"noise has shape \(3,\); it must be the seed noise of A's run"),
+        call(switch, _velocity, STATE, COND_B, Direct(), cached=SwitchCache(noise=jnp.zeros(3))),
+        ValueError, r"cached\.noise has shape \(3,\); it must be A's seed noise"),
     Bad("switch-no-key-no-noise", "control",
-        call(switch, _velocity, STATE.replace(key=None), COND_B, method="direct"), ValueError,
-        r"state_a has no PRNG key.*pass noise="),
-    Bad("switch-zero-transition", "control",
-        call(switch, _velocity, STATE, COND_B, method="blend", transition_steps=0), ValueError,
-        r"transition_steps, reproject_iters and replan_every must be >= 1, got 0, 3 and 1"),
-    Bad("switch-batch-unknown-method", "control",
-        lambda c: lambda: switch_batch(_velocity, stacked(), batch_of(COND_B, 2), method="x"),
-        ValueError, r"unknown switch method 'x'; valid methods are"),
+        call(switch, _velocity, STATE.replace(key=None), COND_B, Direct()), ValueError,
+        r"state_a has no PRNG key.*pass cached=SwitchCache\(noise=\.\.\.\)"),
+    Bad("switch-sdedit-no-key", "control",
+        call(switch, _velocity, STATE.replace(key=None), COND_B, SDEdit(),
+             cached=SwitchCache(noise=jnp.zeros((1, 8, 8, 3)))), ValueError,
+        r"SDEdit needs fresh noise but the state has no PRNG key"),
+    Bad("blend-zero-transition", "control", call(Blend, transition_steps=0), ValueError,
+        r"transition_steps must be >= 1 \(1 = the direct switch\), got 0"),
+    Bad("mpc-zero-horizon", "control", call(MPC, horizon=0), ValueError,
+        r"horizon must be an int >= 1, got 0"),
+    Bad("mpc-negative-weight", "control", call(MPC, tracking_weight=-1.0), ValueError,
+        r"tracking_weight must be a number >= 0, got -1\.0"),
+    Bad("mpc-zero-effort", "control", call(MPC, effort_weight=0.0), ValueError,
+        r"effort_weight must be > 0 \(it keeps the QP strictly convex\)"),
+    Bad("mpc-decay-out-of-range", "control", call(MPC, decay=1.5), ValueError,
+        r"decay must lie in \[0, 1\], got 1\.5"),
+    Bad("mpc-blocks-with-lqr", "control", call(MPC, linearisation=JVPBlocks()), ValueError,
+        r"JVPBlocks gives coupled C x C Jacobian blocks.*use solver=OSQP\(\)"),
+    Bad("mpc-unknown-target", "control", call(MPC, target="fresh"), ValueError,
+        r"target must be one of \('a-implied', 'seed'\), got 'fresh'"),
+    Bad("osqp-zero-maxiter", "control", call(OSQP, maxiter=0), ValueError,
+        r"maxiter must be an int >= 1, got 0"),
+    Bad("shooting-zero-horizon", "control", call(Shooting, horizon=0), ValueError,
+        r"horizon must be a positive int or None \(all remaining\), got 0"),
+    Bad("shooting-bad-optimizer", "control", call(Shooting, optimizer="lbfgs"), ValueError,
+        r"optimizer must be 'adam' or 'sgd', got 'lbfgs'"),
+    Bad("shooting-init-shape", "control",
+        call(switch, _velocity, STATE, COND_B, Shooting(init_controls=jnp.zeros((2, 3)))),
+        ValueError, r"init_controls has shape \(2, 3\); expected \(H, \*x\.shape\)"),
+    Bad("switch-batch-not-a-controller", "control",
+        lambda c: lambda: switch_batch(_velocity, stacked(), batch_of(COND_B, 2), "x"),
+        TypeError, r"controller must be a controller object"),
     Bad("switch-batch-conds-size", "control",
-        lambda c: lambda: switch_batch(_velocity, stacked(), batch_of(COND_B, 3),
-                                       method="direct"),
+        lambda c: lambda: switch_batch(_velocity, stacked(), batch_of(COND_B, 3), Direct()),
         ValueError, r"conds_b must be stacked with a leading axis of 2 .*got a leaf of shape "
         r"\(3, 1, 1, 1, 3\); stack per-pair values"),
     Bad("switch-batch-unstacked", "control",
-        call(switch_batch, _velocity, STATE, COND_B, method="direct"), ValueError,
+        call(switch_batch, _velocity, STATE, COND_B, Direct()), ValueError,
         r"all states must share one sigma grid \(stack them with stack_states\)"),
     Bad("switch-batch-mixed-steps", "control",
         lambda c: lambda: switch_batch(
             _velocity, stack_states([STATE, STATE.replace(step=3)]), batch_of(COND_B, 2),
-            method="direct"),
-        ValueError, r"all states must be at the same step to batch them, got \[2 3\]"),
+            Direct()),
+        ValueError, r"all states must be at the same step to batch them, got \[2 3\]; group"),
     Bad("stack-states-mixed-shapes", "control",
         call(stack_states, [STATE, STATE.replace(x=jnp.zeros((1, 4, 4, 3)))]), ValueError,
         r"states\[1\]\.x is \(1, 4, 4, 3\) float32 but states\[0\]\.x is \(1, 8, 8, 3\) "

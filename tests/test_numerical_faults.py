@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rfmpc.control import MPCOptions, QPOptions, ShootingOptions, switch
+from rfmpc.control import MPC, OSQP, Blend, Direct, Frozen, JVPBlocks, Shooting, switch
 from rfmpc.flow import (
     ConditionalGaussianMixture,
     GaussianMixture,
@@ -67,7 +67,7 @@ def case():
     st0 = init_state(jax.random.key(1), (16, 2), sig, jnp.int32(0))
     _, xs = integrate_path(gm, st0)
     state = TrajectoryState(xs[K], K, sig, key=st0.key, cond=jnp.int32(0))
-    direct = switch(gm, state, jnp.int32(1), method="direct")
+    direct = switch(gm, state, jnp.int32(1), Direct())
     assert not direct.fallback
     return gm, state, direct.state.x
 
@@ -81,50 +81,54 @@ def _same_as(r, ref, atol=0.0):
 # ------------------------------------------------------------------------------ MPC
 def test_mpc_qp_not_converged_runs_the_blend_command(case):
     gm, st, _ = case
-    opts = MPCOptions(control_steps=None, qp=QPOptions(maxiter=1))
-    r = switch(gm, st, jnp.int32(1), method="mpc", command="blend", transition_steps=3, mpc=opts)
-    assert (
-        r.fallback and "did not converge" in r.fallback_reason and "maxiter=1" in r.fallback_reason
+    ctrl = MPC(
+        linearisation=JVPBlocks(),
+        solver=OSQP(maxiter=1),
+        control_steps=None,
+        command=Blend(transition_steps=3),
     )
-    assert r.diagnostics["fallback_counts"] == {
-        "qp-not-converged": N - K,
-        "non-finite": 0,
-        "bound-violation": 0,
-    }
-    np.testing.assert_array_equal(np.asarray(r.diagnostics["fault_codes"]), [1] * (N - K))
-    blend = switch(gm, st, jnp.int32(1), method="blend", transition_steps=3)
+    r = switch(gm, st, jnp.int32(1), ctrl)
+    assert r.fallback and r.outcome == "qp_not_converged"
+    assert "did not converge" in r.fallback_reason and f"on {N - K} of {N - K} steps" in (
+        r.fallback_reason
+    )
+    assert r.diagnostics["fallback_counts"]["qp_not_converged"] == N - K
+    assert r.diagnostics["step_results"] == ["qp_not_converged"] * (N - K)
+    blend = switch(gm, st, jnp.int32(1), Blend(transition_steps=3))
     _same_as(r, blend.state.x, atol=2e-5)
 
 
 def test_mpc_bound_violation_is_rejected(case):
-    """A tolerance of 1e3 'converges' at once to a control far outside |u| <= 0.01."""
+    """A tolerance of 1e3 'converges' at once; with a tiny ADMM step (rho) the first iterate is
+    the unconstrained minimiser, far outside |u| <= 0.01."""
     gm, st, direct = case
-    r = switch(
-        gm, st, jnp.int32(1), method="mpc", mpc=MPCOptions(u_max=0.01, qp=QPOptions(tol=1e3))
-    )
-    assert r.fallback and "left the box |u| <= u_max=0.01 on 3 of 3 steps" in r.fallback_reason
-    assert r.diagnostics["fallback_counts"]["bound-violation"] == 3
+    ctrl = MPC(linearisation=JVPBlocks(), solver=OSQP(tol=1e3, rho_start=1e-6), u_max=0.01)
+    r = switch(gm, st, jnp.int32(1), ctrl)
+    assert r.fallback and "left the box |u| <= u_max" in r.fallback_reason
+    assert "bound_violation on 3 of 3 steps" in r.fallback_reason
+    assert r.diagnostics["fallback_counts"]["bound_violation"] == 3
     _same_as(r, direct, atol=1e-6)
-    # a well-posed MPC keeps every applied control inside the box
-    ok = switch(gm, st, jnp.int32(1), method="mpc", mpc=MPCOptions(u_max=0.05))
+    # the closed form clips into the box instead, and its KKT check reports the clipping
+    ok = switch(gm, st, jnp.int32(1), MPC(u_max=0.05))
     assert not ok.fallback and ok.fallback_reason is None
-    assert float(np.max(np.asarray(ok.diagnostics["control_rms"]))) <= 0.05
+    assert float(np.max(ok.diagnostics["control_rms"])) <= 0.05 * (1 + 1e-6)
+    assert np.all(np.asarray(ok.diagnostics["kkt_residual"]) >= 0)
 
 
 def test_mpc_nan_jacobian_falls_back_per_step(case):
     gm, st, direct = case
-    r = switch(NaNJacobian(gm), st, jnp.int32(1), method="mpc")
-    assert r.fallback and "non-finite on 3 of 3 steps" in r.fallback_reason
-    np.testing.assert_array_equal(np.asarray(r.diagnostics["fault_codes"]), [2, 2, 2])
-    assert int(r.diagnostics["fallback_steps"]) == 3
+    r = switch(NaNJacobian(gm), st, jnp.int32(1), MPC(linearisation=Frozen()))
+    assert r.fallback and r.outcome == "control_nonfinite"
+    assert "control_nonfinite on 3 of 3 steps" in r.fallback_reason
+    assert r.diagnostics["step_results"] == ["control_nonfinite"] * 3
     _same_as(r, direct, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ shooting
 def test_shooting_nan_gradient_discards_the_plan(case):
     gm, st, direct = case
-    r = switch(NaNJacobian(gm), st, jnp.int32(1), method="shooting")
-    assert r.diagnostics["shooting_status"] == "non-finite"
+    r = switch(NaNJacobian(gm), st, jnp.int32(1), Shooting())
+    assert r.outcome == "plan_nonfinite" and int(r.diagnostics["status"]) == 2
     assert r.fallback and "gradient became non-finite" in r.fallback_reason
     assert "plan was discarded" in r.fallback_reason
     _same_as(r, direct)
@@ -133,11 +137,10 @@ def test_shooting_nan_gradient_discards_the_plan(case):
 def test_shooting_divergence_is_detected(case):
     """SGD with step 1e6: the objective grows by 1e20 (before: status 'converged', by stall)."""
     gm, st, direct = case
-    opts = ShootingOptions(learning_rate=1e6, optimizer="sgd", max_iter=6)
-    r = switch(gm, st, jnp.int32(1), method="shooting", shooting=opts)
-    assert r.diagnostics["shooting_status"] == "diverged"
-    hist = np.asarray(r.diagnostics["shooting_objective"])
-    assert hist[r.diagnostics["shooting_iterations"] - 1] > 1e3 * hist[0]
+    r = switch(gm, st, jnp.int32(1), Shooting(learning_rate=1e6, optimizer="sgd", max_iter=6))
+    assert r.outcome == "plan_diverged"
+    hist = np.asarray(r.diagnostics["objective"])
+    assert hist[int(r.diagnostics["iterations"]) - 1] > 1e3 * hist[0]
     assert r.fallback and "diverged" in r.fallback_reason
     _same_as(r, direct)
 
@@ -146,10 +149,9 @@ def test_exploding_warm_start_control_is_rejected(case):
     """A warm start of 1e6 (before: applied as is, the latent ended at |x| ~ 7e4)."""
     gm, st, direct = case
     init = jnp.full((3, *st.x.shape), 1e6)
-    opts = ShootingOptions(max_iter=1)
-    r = switch(gm, st, jnp.int32(1), method="shooting", init=init, shooting=opts)
+    r = switch(gm, st, jnp.int32(1), Shooting(max_iter=1, init_controls=init))
     assert r.fallback and "exceeded max_control" in r.fallback_reason
-    assert float(r.diagnostics["shooting_peak_control"]) == pytest.approx(1e6)
+    assert float(r.diagnostics["peak_control"]) == pytest.approx(1e6)
     _same_as(r, direct)
 
 
@@ -160,13 +162,10 @@ def test_nonfinite_controlled_rollout_reruns_the_command(case):
     level = float(st.sigmas[K + 3])  # the horizon ends here: the plan itself stays finite
     field = NaNBelow(gm, level=level, radius=6.0)
     init = jnp.full((3, *st.x.shape), 50.0)
-    r = switch(
-        field, st, jnp.int32(1), method="shooting", init=init, shooting=ShootingOptions(max_iter=1)
-    )
-    assert r.diagnostics["shooting_status"] == "max-iter"
-    assert int(r.diagnostics["shooting_fault"]) == 0  # the plan passed its own checks
-    assert r.fallback and "rollout ended non-finite" in r.fallback_reason
-    assert r.diagnostics["nonfinite_rollout"] == "direct"
+    r = switch(field, st, jnp.int32(1), Shooting(max_iter=1, init_controls=init))
+    assert int(r.diagnostics["status"]) == 1  # max-iter: the plan passed its own checks
+    assert r.fallback and r.outcome == "rollout_nonfinite"
+    assert "rollout ended non-finite" in r.fallback_reason
     _same_as(r, direct)
 
 
@@ -174,9 +173,9 @@ def test_field_nan_for_b_raises_naming_the_step(case):
     gm, st, _ = case
     sig = np.asarray(st.sigmas)
     field = NaNBelow(gm, level=float(sig[6]) + 1e-4)  # NaN from grid step 6 on
-    for method in ("direct", "mpc"):
+    for ctrl in (Direct(), MPC()):
         with pytest.raises(FloatingPointError, match=r"grid step 6 \(sigma .*\) of 8 produced"):
-            switch(field, st, jnp.int32(1), method=method)
+            switch(field, st, jnp.int32(1), ctrl)
 
 
 # ------------------------------------------------------------------------------ inverse

@@ -8,8 +8,8 @@ import pytest
 import scipy.sparse as sp
 
 from rfmpc.control import (
+    OSQP,
     BlockQP,
-    QPOptions,
     QPResult,
     block_cost,
     dense_qp,
@@ -20,9 +20,11 @@ from rfmpc.control import (
 
 def _random_qp(key, nb=5, n_p=3, ch=2, u_max=2.0, dtype=jnp.float64):
     k = jax.random.split(key, 6)
+    h = -jnp.linspace(0.08, 0.04, n_p, dtype=dtype)
     return BlockQP(
         jac=0.7 * jax.random.normal(k[0], (nb, ch, ch), dtype),
-        h=-jnp.linspace(0.08, 0.04, n_p, dtype=dtype),
+        g=1.3 * h,  # J's weight per step differs from the control's (h)
+        h=h,
         x0=jax.random.normal(k[1], (nb, ch), dtype),
         c=0.05 * jax.random.normal(k[2], (n_p, nb, ch), dtype),
         ref=jax.random.normal(k[3], (n_p, nb, ch), dtype),
@@ -58,7 +60,7 @@ def test_batched_boxosqp_matches_osqp(getkey, form):
     """Random block QPs, some with active box constraints: same minimiser and objective."""
     with jax.enable_x64(True):
         qp = _random_qp(getkey(), u_max=2.0)
-        solve = jax.jit(lambda q: solve_block_qp(q, QPOptions(maxiter=4000, tol=1e-8, form=form)))
+        solve = jax.jit(lambda q: solve_block_qp(q, OSQP(maxiter=4000, tol=1e-8, form=form)))
         res = solve(qp)
         assert bool(res.converged)
         assert np.all(np.asarray(res.status) == 1)
@@ -101,6 +103,7 @@ def test_shift_warm_start_semantics(getkey):
         u=jax.random.normal(k[0], (4, 3, 2)),
         z=jax.random.normal(k[1], (4, 3, 2)),
         y=jax.random.normal(k[2], (4, 3, 2)),
+        rho=jnp.linspace(0.1, 1.0, 4),
         status=jnp.ones((4,), jnp.int32),
         iterations=jnp.ones((4,), jnp.int32),
         converged=jnp.bool_(True),
@@ -110,19 +113,20 @@ def test_shift_warm_start_semantics(getkey):
     for a, b in ((sh.u, prev.u), (sh.z, prev.z), (sh.y, prev.y)):
         np.testing.assert_array_equal(np.asarray(a[:, :-1]), np.asarray(b[:, 1:]))
         np.testing.assert_array_equal(np.asarray(a[:, -1]), np.asarray(b[:, -1]))
+    np.testing.assert_array_equal(np.asarray(sh.rho), np.asarray(prev.rho))  # rho carries over
 
 
 @pytest.mark.slow
 def test_warm_start_and_iteration_cap(getkey):
     """(slow: three BoxOSQP compilations; the cap is also covered by the MPC fallback test.)"""
     qp = _random_qp(getkey(), dtype=jnp.float32, u_max=50.0)
-    opts = QPOptions(maxiter=2000, tol=1e-4)
+    opts = OSQP(maxiter=2000, tol=1e-4)
 
     @jax.jit
     def run(q):  # one compilation for the three solves
         cold = solve_block_qp(q, opts)
         again = solve_block_qp(q, opts, cold)
-        capped = solve_block_qp(q, QPOptions(maxiter=1))
+        capped = solve_block_qp(q, OSQP(maxiter=1))
         return cold, again, capped
 
     cold, again, capped = run(qp)
@@ -139,6 +143,8 @@ def test_warm_start_and_iteration_cap(getkey):
 
 def test_bad_options():
     with pytest.raises(ValueError, match="form must be"):
-        QPOptions(form="sparse")
+        OSQP(form="sparse")
     with pytest.raises(ValueError, match="maxiter"):
-        QPOptions(maxiter=0)
+        OSQP(maxiter=0)
+    with pytest.raises(ValueError, match="cg_tol"):
+        OSQP(cg_tol=0.0)

@@ -1,48 +1,74 @@
-"""Prompt-switch controllers: blends, shooting, MPC (block QPs) and the combined switch."""
+"""Prompt-switch controllers: finish prompt B from prompt A's cached trajectory state.
 
-from rfmpc.control.mpc import (
-    MPCOptions,
-    MPCPlan,
-    MPCResult,
+Controllers are immutable ``equinox`` modules whose options are their fields (the abstract/final
+pattern: :class:`AbstractController` declares the methods, each final class implements them):
+
+``Direct``, ``Blend``, ``Adaptive``   commands (blend schedules, no control)
+``Reproject``, ``SDEdit``             a new start state, then the direct command
+``Shooting``, ``MultipleShooting``    an exact-gradient plan over the first steps
+``MPC``                               receding-horizon MPC (default: analytic linearisation,
+                                      closed-form LQR; ``OSQP`` for coupled blocks)
+``ShootingMPC``                       a shooting plan tracked by MPC, with re-plans
+
+``switch(field, state_a, cond_b, controller)`` runs one; ``switch_batch`` runs the same over a
+batch. Outcomes come back as :class:`RESULTS` items, costs as :class:`Cost`.
+"""
+
+from rfmpc.control.base import (
+    AbstractCommand,
+    AbstractController,
+    PlanOut,
+    Schedule,
+    StepOut,
+    SwitchProblem,
+)
+from rfmpc.control.blend import Adaptive, Blend
+from rfmpc.control.direct import Direct
+from rfmpc.control.linearisation import (
+    AbstractLinearisation,
+    Analytic,
+    Frozen,
+    JVPBlocks,
     jacobian_blocks,
-    mpc_switch,
     num_probes,
 )
+from rfmpc.control.lqr import LQR, AbstractQPSolver, LinearQP, kkt_residual, lqr_controls, qp_cost
+from rfmpc.control.mpc import MPC, MPCState, mpc_qp
 from rfmpc.control.qp import (
+    OSQP,
     BlockQP,
-    QPOptions,
     QPResult,
     block_cost,
     dense_qp,
     shift_warm_start,
     solve_block_qp,
 )
+from rfmpc.control.reproject import Reproject
+from rfmpc.control.results import OUTCOMES, RESULTS, Cost
 from rfmpc.control.schedules import (
     BlendedField,
     BlendSchedule,
-    alpha_adaptive,
     alpha_direct,
     alpha_linear,
     alpha_sigmoid,
     blend_nfe,
     blended_cond_field,
-    transition_steps_from_similarity,
     velocity_similarity,
 )
+from rfmpc.control.sdedit import SDEdit
 from rfmpc.control.shooting import (
     SHOOTING_STATUS,
-    ShootingOptions,
-    ShootingResult,
+    MultipleShooting,
+    Shooting,
+    ShootingPlan,
     implied_noise,
-    multiple_shooting,
     noise_consistency_error,
     shooting_objective,
-    single_shooting,
 )
+from rfmpc.control.shooting_mpc import ShootingMPC
 from rfmpc.control.switch import (
-    METHODS,
     BatchSwitchResult,
-    SwitchConfig,
+    SwitchCache,
     SwitchResult,
     from_scratch_equal_nfe,
     stack_states,
@@ -51,22 +77,42 @@ from rfmpc.control.switch import (
 )
 
 __all__ = [
-    "METHODS",
+    "LQR",
+    "MPC",
+    "OSQP",
+    "OUTCOMES",
+    "RESULTS",
     "SHOOTING_STATUS",
+    "AbstractCommand",
+    "AbstractController",
+    "AbstractLinearisation",
+    "AbstractQPSolver",
+    "Adaptive",
+    "Analytic",
     "BatchSwitchResult",
+    "Blend",
     "BlendSchedule",
     "BlendedField",
     "BlockQP",
-    "MPCOptions",
-    "MPCPlan",
-    "MPCResult",
-    "QPOptions",
+    "Cost",
+    "Direct",
+    "Frozen",
+    "JVPBlocks",
+    "LinearQP",
+    "MPCState",
+    "MultipleShooting",
+    "PlanOut",
     "QPResult",
-    "ShootingOptions",
-    "ShootingResult",
-    "SwitchConfig",
+    "Reproject",
+    "SDEdit",
+    "Schedule",
+    "Shooting",
+    "ShootingMPC",
+    "ShootingPlan",
+    "StepOut",
+    "SwitchCache",
+    "SwitchProblem",
     "SwitchResult",
-    "alpha_adaptive",
     "alpha_direct",
     "alpha_linear",
     "alpha_sigmoid",
@@ -77,17 +123,17 @@ __all__ = [
     "from_scratch_equal_nfe",
     "implied_noise",
     "jacobian_blocks",
-    "mpc_switch",
-    "multiple_shooting",
+    "kkt_residual",
+    "lqr_controls",
+    "mpc_qp",
     "noise_consistency_error",
     "num_probes",
+    "qp_cost",
     "shift_warm_start",
     "shooting_objective",
-    "single_shooting",
     "solve_block_qp",
     "stack_states",
     "switch",
     "switch_batch",
-    "transition_steps_from_similarity",
     "velocity_similarity",
 ]

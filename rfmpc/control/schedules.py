@@ -16,13 +16,11 @@ the switch):
 * :func:`alpha_linear`: ``alpha = min(1, (j + 1) / L)`` (``L = 1`` is the direct switch);
 * :func:`alpha_sigmoid`: ``alpha = sigmoid(slope (j / L - 1/2))`` for ``j < L`` and exactly 1
   afterwards (the reference write-up's schedule, slope 10; we snap to 1 after the transition so
-  the tail is pure B, where the write-up's sigmoid keeps ``alpha`` at 0.993..1);
-* :func:`alpha_adaptive`: the sigmoid with ``L`` from prompt similarity,
-  ``> 0.95 -> 3``, ``> 0.90 -> 5``, else ``8`` steps (:func:`transition_steps_from_similarity`).
+  the tail is pure B, where the write-up's sigmoid keeps ``alpha`` at 0.993..1). The
+  :class:`~rfmpc.control.Adaptive` controller picks ``L`` from a prompt similarity.
 
-The similarity is whatever the caller measures (cosine of text embeddings in a cache); when none
-is given the switch uses :func:`velocity_similarity`, the cosine between ``v_A`` and ``v_B`` at
-the cached state (the write-up's angle diagnostic), which costs two model calls.
+:func:`velocity_similarity` is the cosine between ``v_A`` and ``v_B`` at the cached state (the
+write-up's angle diagnostic).
 
 Reference: A. Patel, "Shooting Method and MPC for Cross-Prompt Caching in Rectified Flow
 Models" (2025), section 6 (adaptive blending schedule).
@@ -41,13 +39,11 @@ from jaxtyping import Array, Float, Int
 __all__ = [
     "BlendSchedule",
     "BlendedField",
-    "alpha_adaptive",
     "alpha_direct",
     "alpha_linear",
     "alpha_sigmoid",
     "blend_nfe",
     "blended_cond_field",
-    "transition_steps_from_similarity",
     "velocity_similarity",
 ]
 
@@ -101,20 +97,6 @@ def alpha_sigmoid(
     j = _steps_after(num_steps, switch_step).astype(jnp.float32)
     a = jax.nn.sigmoid(slope * (j / L - 0.5))
     return jnp.where(j < 0, 0.0, jnp.where(j >= L, 1.0, a))
-
-
-def transition_steps_from_similarity(similarity) -> Int[Array, ""]:
-    """Transition length of the write-up: ``> 0.95 -> 3``, ``> 0.90 -> 5``, else ``8`` steps."""
-    s = jnp.asarray(similarity, jnp.float32)
-    return jnp.where(s > 0.95, 3, jnp.where(s > 0.90, 5, 8)).astype(jnp.int32)
-
-
-def alpha_adaptive(
-    num_steps: int, switch_step: int, similarity, slope: float = 10.0
-) -> Float[Array, " n"]:
-    """The adaptive sigmoid schedule: :func:`alpha_sigmoid` with ``L`` from ``similarity``."""
-    L = transition_steps_from_similarity(similarity)
-    return alpha_sigmoid(num_steps, switch_step, L, slope)
 
 
 def velocity_similarity(v_a: Array, v_b: Array) -> Float[Array, ""]:

@@ -1,49 +1,51 @@
-"""Single and multiple shooting for a prompt switch, by exact gradients through the flow solve.
+"""``Shooting`` and ``MultipleShooting``: plan the first steps after a switch by exact gradients.
 
-Setting. A trajectory of prompt A was run from seed noise ``eps`` (at sigma = 1) to grid step
-``k``; prompt B must be finished from that state ``x_k``. Over a horizon of ``H`` steps we run the
-*controlled* Euler dynamics (the :mod:`rfmpc.flow.solve` convention, ``h_i = sigma_{i+1} -
-sigma_i < 0``)::
+Setting. A trajectory of prompt A was run from seed noise ``eps`` to grid step ``k``; prompt B
+must be finished from that state ``x_k``. Over a horizon of ``H`` steps run the *controlled*
+Euler dynamics (``h_i = sigma_{i+1} - sigma_i < 0``)::
 
     x_{i+1} = x_i + h_i (v_cmd(x_i, sigma_i) + u_i),     i = k .. k+H-1,
 
-where ``v_cmd`` is the blended command of an alpha schedule (default: the direct switch, i.e.
-``v_B``) and ``u_i`` a per-step control in velocity units (same shape as ``x``).
+with ``v_cmd`` the command (default ``v_B``) and ``u_i`` a per-step control in velocity units.
 
 What is optimised (there is no ground-truth trajectory for a prompt switch, so we say exactly
-what the objective rewards). For a rectified flow started from ``eps``, every state on B's own
+what the objective rewards). For a rectified flow started from ``eps``, a state on B's own
 trajectory satisfies ``x ~ (1 - sigma) x0_B + sigma eps``, i.e. its *B-implied noise*
-``eps_hat_B(x, sigma) = x + (1 - sigma) v_B(x, sigma)`` equals ``eps`` (exactly for straight
-flows; for curved flows ``eps_hat_B`` is ``E[eps | x]`` and drifts away from ``eps`` as sigma
-falls, so the objective is biased late in the trajectory). A's cached state has
-``eps_hat_A ~ eps`` but ``eps_hat_B != eps``. The objective (every term is a *mean over the
-elements* of ``x``, so weights do not depend on the latent size) is::
+``eps_hat_B(x, sigma) = x + (1 - sigma) v_B(x, sigma)`` matches the seed's (exactly for straight
+flows; for curved flows ``eps_hat_B`` is ``E[eps | x]``). The objective (each term a *mean over
+the elements* of ``x``) is::
 
-    J(u) =   sum_{i=1..H} w_i || eps_hat_B(x_{k+i}, sigma_{k+i}) - eps_target ||^2   (consistency)
+    J(u) =   sum_{i=1..H} w || eps_hat_B(x_{k+i}) - eps_target ||^2      (consistency)
            + lam  sum_i |h_i| ||u_i||^2              (control effort, a Riemann sum of int |u|^2)
            + gam  sum_{i>=1} ||u_i - u_{i-1}||^2     (smoothness)
-           + beta || v_B(x_{k+H}) - v_cmd(x_{k+H}) ||^2   (terminal velocity consistency of the
-                                                        write-up; zero once alpha = 1)
+           + beta || v_B(x_{k+H}) - v_cmd(x_{k+H}) ||^2   (terminal velocity consistency;
+                                                        zero once the command is pure B)
 
-``w_i`` is set to 0 where ``sigma = 0`` (the implied noise is undefined there). ``eps_target`` is
-the seed noise by default; :func:`rfmpc.control.switch.switch` can pass A's implied noise at the
-cached state instead (``noise_target="a-implied"``), which cancels the curvature drift shared by
-similar prompts. The controlled trajectory is then continued with ``v_cmd`` to the end.
+``eps_target`` is A's implied noise at the cached state (``"a-implied"``, default; free when the
+cache stored ``v_A``) or the seed noise.
 
-Optimisation: ``jax.value_and_grad`` through :func:`rfmpc.flow.integrate_path` (diffrax Euler on
-the grid, ``RecursiveCheckpointAdjoint(checkpoints=H)``: no recomputation), optax (Adam by
-default), early stop when the relative improvement stays below ``rtol`` for ``patience``
-iterations, warm start with ``init=`` (a previous plan's controls). The best iterate is returned.
+Evaluation reuses the rollout: the rollout already evaluates ``v_B`` at ``x_{k+1} ..
+x_{k+H-1}`` (when the command is pure B), so the consistency terms cost one extra call (at
+``x_{k+H}``), not ``H``: ``H + 1`` forward calls per evaluation of ``J`` instead of ``2H``. The
+rollout is a ``lax.scan`` of Euler steps with each step under ``jax.checkpoint`` (``remat``), so
+``jax.value_and_grad`` is exact and keeps about one step's activations; diffrax's solve cannot
+hand back the vector-field evaluations this reuse needs. Each gradient is one VJP through those
+``H + 1`` calls.
+
+Optimisation: optax (Adam by default, cosine-decayed step), early stop when the relative
+improvement stays below ``rtol`` for ``patience`` iterations, the best iterate kept; a
+non-finite objective/gradient or a blow-up past ``divergence_ratio`` stops it and the plan is
+discarded (:class:`~rfmpc.control.results.RESULTS`).
+
+Cost, honestly: ``iterations x (H + 1)`` forwards and as many VJPs for the plan, then the
+``N - k`` steps of the rollout. On the embedded model at ``k = 10`` of 28 that is 10-20 times a
+plain generation for no gain over the MPC (``docs/control.md``); it is here as the research tool
+for exact-gradient control, not as a cache default.
 
 Multiple shooting (Bock & Plitt 1984; Betts 2010, ch. 3) splits the horizon into segments whose
 start states are decision variables too; continuity ``x_end(segment j-1) = s_j`` is enforced by an
-augmented Lagrangian (multiplier updates ``mu += rho d``, ``rho *= growth``); the result reports
-the final max continuity defect.
-
-NFE (counted analytically): a forward evaluation of ``J`` costs the blended dynamics' model calls
-(1 per step, 2 on velocity-blended steps with ``0 < alpha < 1``) plus ``H`` calls of ``v_B`` for
-the consistency terms (plus the terminal term's); its gradient costs as many VJPs (a VJP costs
-roughly two forward calls in FLOPs). ``nfe = nfe_forward + nfe_backward``.
+augmented Lagrangian (``mu += rho d``, ``rho *= growth``); the final max continuity defect is
+reported.
 
 Reference: A. Patel, "Shooting Method and MPC for Cross-Prompt Caching in Rectified Flow Models"
 (2025), sections 3 and "What we are actually optimizing".
@@ -51,34 +53,40 @@ Reference: A. Patel, "Shooting Method and MPC for Cross-Prompt Caching in Rectif
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from rfmpc.control.schedules import BlendedField, BlendSchedule, alpha_direct, blend_nfe
-from rfmpc.flow.solve import integrate_path
+from rfmpc.control.base import (
+    AbstractCommand,
+    AbstractController,
+    PlanOut,
+    Schedule,
+    StepOut,
+    SwitchProblem,
+    command_velocities,
+)
+from rfmpc.control.direct import Direct
+from rfmpc.control.reproject import check_target
+from rfmpc.control.results import RESULTS, Cost
+from rfmpc.control.schedules import alpha_direct
 
 __all__ = [
     "SHOOTING_STATUS",
-    "ShootingOptions",
-    "ShootingResult",
+    "MultipleShooting",
+    "Shooting",
+    "ShootingPlan",
     "implied_noise",
-    "multiple_shooting",
     "noise_consistency_error",
     "shooting_objective",
-    "single_shooting",
 ]
 
-#: Status codes of a :class:`ShootingResult`.
+#: Status codes of an optimisation (``ShootingPlan.status``).
 SHOOTING_STATUS = {0: "converged", 1: "max-iter", 2: "non-finite", 3: "diverged"}
 
 
@@ -97,104 +105,18 @@ def noise_consistency_error(field, x: Array, sigma, cond, noise: Array) -> Float
     return jnp.mean((implied_noise(field, x, sigma, cond) - noise) ** 2)
 
 
-@dataclass(frozen=True)
-class ShootingOptions:
-    """Configuration of single / multiple shooting (hashable: static under jit).
+class ShootingPlan(eqx.Module):
+    """The plan found by (multiple) shooting.
 
     Attributes:
-        horizon: number of controlled steps after the switch (``None``: all remaining). Short
-            by default (3): the consistency objective is biased at lower sigma on curved flows
-            (see the module docstring), and on the exact GMM long horizons drove the state off
-            B's trajectory.
-        max_iter: optimiser iterations (multiple shooting: in total over its outer iterations).
-        learning_rate: optimiser step size (controls are in velocity units).
-        lr_final: the step size decays (cosine) to ``lr_final * learning_rate``.
-        rtol: early stop when ``(J_prev - J) / |J_prev| < rtol`` for ``patience`` iterations.
-        patience: see ``rtol``.
-        consistency_weight: ``w_i`` for every step, or ``consistency_weights`` per step.
-        consistency_weights: optional tuple of ``horizon`` per-step weights.
-        effort_weight: ``lam``; smoothness_weight: ``gam``; terminal_weight: ``beta``.
-        optimizer: ``"adam"`` or ``"sgd"``.
-        num_segments: multiple shooting's segment count.
-        penalty, penalty_growth, outer_iters: augmented-Lagrangian ``rho``, its growth factor per
-            outer iteration and the number of outer (multiplier) iterations.
-        divergence_ratio: the optimisation is declared *diverged* (status 3, stopped) when an
-            iterate's objective exceeds ``divergence_ratio`` times the initial guess's.
-        max_control: a plan whose largest control magnitude (velocity units) exceeds this is
-            treated as blown up: :func:`rfmpc.control.switch.switch` discards it and runs the
-            command instead (recorded as a fallback). Velocities of the models here are O(1-10).
-        remat_path: evaluate the consistency term's target field on the path states one at a
-            time under ``jax.checkpoint`` (default): the gradient then keeps about one forward's
-            activations instead of one per step of the horizon (measured by
-            ``benchmarks/shooting_memory.py``). ``False`` batches them with ``vmap`` (faster on
-            an accelerator when memory allows).
-    """
-
-    horizon: int | None = 3
-    max_iter: int = 30
-    learning_rate: float = 0.1
-    lr_final: float = 0.01
-    rtol: float = 1e-3
-    patience: int = 3
-    consistency_weight: float = 1.0
-    consistency_weights: tuple[float, ...] | None = None
-    effort_weight: float = 1e-2
-    smoothness_weight: float = 1e-3
-    terminal_weight: float = 0.0
-    optimizer: str = "adam"
-    num_segments: int = 2
-    penalty: float = 100.0
-    penalty_growth: float = 10.0
-    outer_iters: int = 3
-    divergence_ratio: float = 1e3
-    max_control: float = 100.0
-    remat_path: bool = True
-
-    def __post_init__(self):
-        if self.horizon is not None and (not isinstance(self.horizon, int) or self.horizon < 1):
-            raise ValueError(f"horizon must be a positive int or None, got {self.horizon!r}")
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.num_segments < 1 or self.outer_iters < 1:
-            raise ValueError("num_segments and outer_iters must be >= 1")
-        for name in ("effort_weight", "smoothness_weight", "terminal_weight", "penalty"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.divergence_ratio > 1:
-            raise ValueError(f"divergence_ratio must be > 1, got {self.divergence_ratio}")
-        if not self.max_control > 0:
-            raise ValueError(f"max_control must be > 0, got {self.max_control}")
-
-    def make_optimizer(self, num_iters: int) -> optax.GradientTransformation:
-        """The optax optimiser; the step size decays (cosine) to ``lr_final`` times its start
-        over ``num_iters`` iterations, so the iterates settle instead of hovering at Adam's
-        step-size scale (which matters for the continuity constraints of multiple shooting)."""
-        lr = optax.cosine_decay_schedule(self.learning_rate, max(num_iters, 1), self.lr_final)
-        if self.optimizer == "adam":
-            return optax.adam(lr)
-        return optax.sgd(lr)
-
-
-class ShootingResult(eqx.Module):
-    """The plan found by shooting.
-
-    Attributes:
-        controls: ``(H, *x.shape)`` per-step controls for steps ``start .. start + H - 1``.
-        path: ``(H + 1, *x.shape)`` the planned states (single shooting: the controlled rollout;
-            multiple shooting: ``x_start`` then each segment's integrated states).
-        objective: ``(max_iter,)`` objective at each iteration (NaN after the last); entry 0 is
-            the objective of the initial guess.
+        controls: ``(H, *x.shape)`` per-step controls for steps ``k .. k + H - 1``.
+        path: ``(H + 1, *x.shape)`` the planned states.
+        objective: ``(max_iter,)`` objective per iteration (NaN after the last).
         final_objective: the objective of the returned (best) controls.
         iterations: optimiser iterations run.
         defect: max absolute continuity defect between segments (0 for single shooting).
-        nfe_forward, nfe_backward, nfe: model calls (forward, VJP, total).
-        status: 0 converged (early stop), 1 max-iter, 2 non-finite objective or gradient, 3
-            diverged (objective above ``divergence_ratio`` times the initial one); on 2 and 3
-            the loop stops and the best finite iterate is kept (:func:`rfmpc.control.switch.switch`
-            discards such a plan and runs the command instead).
-        horizon, start: static.
+        status: a key of :data:`SHOOTING_STATUS`.
+        cost: model evaluations of the planning.
     """
 
     controls: Array
@@ -203,206 +125,66 @@ class ShootingResult(eqx.Module):
     final_objective: Float[Array, ""]
     iterations: Int[Array, ""]
     defect: Float[Array, ""]
-    nfe_forward: Int[Array, ""]
-    nfe_backward: Int[Array, ""]
-    nfe: Int[Array, ""]
     status: Int[Array, ""]
-    horizon: int = eqx.field(static=True)
-    start: int = eqx.field(static=True)
+    cost: Cost
 
 
-def resolve_horizon(horizon: int | None, start: int, num_steps: int) -> int:
-    """``min(horizon, remaining)``; raises if nothing remains to control."""
-    remaining = num_steps - start
-    if remaining < 1:
-        raise ValueError(f"the state is at step {start} of {num_steps}: no steps remain to control")
-    return remaining if horizon is None else min(int(horizon), remaining)
+# ----------------------------------------------------------------------------- the objective
+class _Objective(eqx.Module):
+    """The objective's weights and options (shared by both shooting controllers)."""
+
+    consistency_weight: float
+    effort_weight: float
+    smoothness_weight: float
+    terminal_weight: float
+    remat: bool
 
 
-# ----------------------------------------------------------------------------- objective
-class _Problem(eqx.Module):
-    """Everything the shooting objective needs (arrays traced, config static)."""
+def _rollout(p: SwitchProblem, sched: Schedule, x0: Array, u: Array, start, remat: bool):
+    """Controlled Euler steps from ``x0`` at grid step ``start``: ``(xs (H+1), v_b (H), calls)``
+    with ``v_b[i] = v_B(xs[i])`` (what the consistency terms reuse)."""
 
-    field: Callable
-    sigmas: Array
-    cond_a: Any
-    cond_b: Any
-    alpha: Array
-    target: Array
-    mode: str = eqx.field(static=True)
-    binary: bool = eqx.field(static=True, default=False)
+    def step(x, inp):
+        j, ui = inp
+        v_cmd, v_b, calls = command_velocities(p, sched, x, j, True)
+        x1 = x + (p.sigmas[j + 1] - p.sigmas[j]) * (v_cmd + ui)
+        return x1, (x1, v_b, calls)
 
-    def blended(self):
-        return BlendedField(self.field, self.mode, self.binary), BlendSchedule(
-            self.cond_a, self.cond_b, self.alpha
-        )
+    if remat:
+        step = jax.checkpoint(step)
+    steps = start + jnp.arange(u.shape[0], dtype=jnp.int32)
+    _, (xs, vbs, calls) = jax.lax.scan(step, x0, (steps, u))
+    return jnp.concatenate([x0[None], xs]), vbs, jnp.sum(calls)
 
 
-def _bcast(v: Array, ndim: int) -> Array:
-    """``(H,)`` -> ``(H, 1, ..., 1)`` to broadcast against ``(H, *x.shape)``."""
-    return v.reshape(v.shape + (1,) * ndim)
-
-
-def _weights(opts: ShootingOptions, sig_next: Array, horizon: int, first: int = 0) -> Array:
-    if opts.consistency_weights is not None:
-        if len(opts.consistency_weights) < first + horizon:
-            raise ValueError(
-                f"consistency_weights has {len(opts.consistency_weights)} entries; the horizon "
-                f"needs {first + horizon}"
-            )
-        w = jnp.asarray(opts.consistency_weights[first : first + horizon], sig_next.dtype)
-    else:
-        w = jnp.full((horizon,), opts.consistency_weight, sig_next.dtype)
-    return jnp.where(sig_next > 0, w, 0.0)
-
-
-def _field_on_path(prob: _Problem, xs: Array, sigs: Array, remat: bool) -> Array:
-    """``v_B(xs[i], sigs[i])`` for every state of a path ``(H, ...)``.
-
-    ``remat=True``: a sequential map whose body is rematerialised in the backward pass, so only
-    the states (not H forwards' activations) are stored for the gradient.
-    """
-    one = lambda x, s: prob.field(x, s, prob.cond_b).astype(x.dtype)
-    if not remat:
-        return jax.vmap(one)(xs, sigs)
-    return jax.lax.map(jax.checkpoint(lambda a: one(*a)), (xs, sigs))
-
-
-def _path_terms(prob: _Problem, u: Array, xs_next: Array, start: int, opts: ShootingOptions):
-    """Objective terms for controls ``u`` (H, ...) and the states after them ``xs_next``."""
-    H = u.shape[0]
-    nd = u.ndim - 1
-    sig = prob.sigmas
-    sig_next = sig[start + 1 : start + H + 1]
-    h = sig[start + 1 : start + H + 1] - sig[start : start + H]
-    vb = _field_on_path(prob, xs_next, sig_next, opts.remat_path)
-    eps_hat = xs_next + _bcast(1 - sig_next, nd).astype(xs_next.dtype) * vb
-    axes = tuple(range(1, u.ndim))
-    resid = jnp.mean((eps_hat - prob.target[None]) ** 2, axis=axes)  # (H,)
-    cons = jnp.sum(_weights(opts, sig_next, H) * resid)
-    effort = opts.effort_weight * jnp.sum(jnp.abs(h) * jnp.mean(u**2, axis=axes))
-    smooth = (
-        opts.smoothness_weight * jnp.sum(jnp.mean((u[1:] - u[:-1]) ** 2, axis=axes))
-        if H > 1
-        else jnp.zeros((), u.dtype)
-    )
-    total = cons + effort + smooth
-    if opts.terminal_weight > 0:
-        bf, _ = prob.blended()
-        n = prob.alpha.shape[0]
-        a_end = prob.alpha[min(start + H, n - 1)]
-        x_end = xs_next[-1]
-        v_cmd = bf(x_end, sig_next[-1], (prob.cond_a, prob.cond_b, a_end))
-        total = total + opts.terminal_weight * jnp.mean((vb[-1] - v_cmd) ** 2)
-    return total, resid
-
-
-def _rollout(prob: _Problem, x0: Array, u: Array, start: int) -> Array:
-    """States ``x_start .. x_{start+H}`` of the controlled blended dynamics, ``(H + 1, ...)``."""
-    H = u.shape[0]
-    bf, sched = prob.blended()
-    _, xs = integrate_path(
-        bf,
-        x0,
-        prob.sigmas,
-        sched,
-        control=u,
-        start=start,
-        stop=start + H,
-        adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=H),
-    )
-    return xs
-
-
-def _eval_nfe(prob: _Problem, start: int, H: int, opts: ShootingOptions) -> Array:
-    """Model calls of one forward evaluation of the objective."""
-    n = blend_nfe(prob.alpha, start, start + H, prob.mode) + H
-    if opts.terminal_weight > 0:
-        i = min(start + H, prob.alpha.shape[0] - 1)
-        n = n + blend_nfe(prob.alpha, i, i + 1, prob.mode)
-    return n
-
-
-# ----------------------------------------------------------------------------- optimiser loop
-def _optimise(loss_fn, params0, opts: ShootingOptions, max_iter: int):
-    """Minimise ``loss_fn(params) -> (J, aux)`` with optax; early stop; keep the best iterate.
-
-    Stops on a non-finite objective or gradient (status 2) and when the objective exceeds
-    ``divergence_ratio`` times the first one (status 3: an unstable step size).
-
-    Returns ``(best_params, best_J, best_aux, history (max_iter,), iterations, status)``.
-    """
-    opt = opts.make_optimizer(max_iter)
-    vg = jax.value_and_grad(loss_fn, has_aux=True)
-    (j0, aux0), _ = jax.eval_shape(vg, params0)
-    dtype = j0.dtype
-    zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
-
-    def cond(c):
-        it, _, _, _, _, _, _, stall, _, fault, _ = c
-        return (it < max_iter) & (stall < opts.patience) & (fault == 0)
-
-    def body(c):
-        it, p, ost, best_p, best_j, best_aux, j_prev, stall, hist, _, j_first = c
-        (j, aux), g = vg(p)
-        finite = jnp.isfinite(j) & jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)])
-        )
-        j_first = jnp.where(it == 0, j, j_first)
-        diverged = finite & (j > opts.divergence_ratio * jnp.maximum(j_first, 0.0))
-        fault = jnp.where(~finite, 2, jnp.where(diverged, 3, 0)).astype(jnp.int32)
-        better = finite & (j < best_j)
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
-        best_p, best_aux = pick(p, best_p), pick(aux, best_aux)
-        best_j = jnp.where(better, j, best_j)
-        hist = hist.at[it].set(j)
-        rel = (j_prev - j) / jnp.maximum(jnp.abs(j_prev), jnp.finfo(dtype).tiny)
-        stall = jnp.where(rel < opts.rtol, stall + 1, 0)
-        upd, ost = opt.update(g, ost, p)
-        p = optax.apply_updates(p, upd)
-        return it + 1, p, ost, best_p, best_j, best_aux, j, stall, hist, fault, j_first
-
-    init = (
-        jnp.int32(0),
-        params0,
-        opt.init(params0),
-        params0,
-        jnp.asarray(jnp.inf, dtype),
-        zero_aux,
-        jnp.asarray(jnp.inf, dtype),
-        jnp.int32(0),
-        jnp.full((max_iter,), jnp.nan, dtype),
-        jnp.int32(0),
-        jnp.asarray(jnp.inf, dtype),
-    )
-    out = jax.lax.while_loop(cond, body, init)
-    it, _, _, best_p, best_j, best_aux, _, stall, hist, fault, _ = out
-    status = jnp.where(fault > 0, fault, jnp.where(stall >= opts.patience, 0, 1))
-    status = status.astype(jnp.int32)
-    return best_p, best_j, best_aux, hist, it, status
-
-
-# ----------------------------------------------------------------------------- public API
-def _prepare(field, x, sigmas, start, cond_a, cond_b, noise, alpha, mode, opts):
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
-        raise TypeError(f"start must be a Python int (the switch step), got {type(start)}")
-    if not isinstance(opts, ShootingOptions):
-        raise TypeError(f"options must be a ShootingOptions, got {type(opts).__name__}")
-    x = jnp.asarray(x)
-    noise = jnp.asarray(noise, x.dtype)
-    if noise.shape != x.shape:
-        raise ValueError(f"noise has shape {noise.shape}; it must match x's shape {x.shape}")
-    sigmas = jnp.asarray(sigmas)
-    n = int(sigmas.shape[0]) - 1
-    H = resolve_horizon(opts.horizon, int(start), n)
-    binary = alpha is None
-    alpha = alpha_direct(n, int(start)) if alpha is None else jnp.asarray(alpha)
-    if alpha.shape != (n,):
-        raise ValueError(
-            f"alpha must have shape ({n},) (one weight per grid step), got {alpha.shape}"
-        )
-    prob = _Problem(field, sigmas.astype(x.dtype), cond_a, cond_b, alpha, noise, mode, binary)
-    return prob, x, int(start), H
+def _terms(obj: _Objective, p: SwitchProblem, sched, u, xs, vbs, start, target):
+    """``(J, consistency residuals (H,), forward calls)`` from a rollout ``xs``, ``vbs``."""
+    h_steps = u.shape[0]
+    sig = p.sigmas
+    idx = start + 1 + jnp.arange(h_steps)
+    sig_next = sig[idx]
+    x_end = xs[-1]
+    j_end = start + h_steps
+    v_end = p.velocity(x_end, j_end, p.cond_b)  # the one extra call
+    v_next = jnp.concatenate([vbs[1:], v_end[None]])  # v_B at xs[1:]
+    nd = x_end.ndim
+    bc = lambda a: a.reshape(a.shape + (1,) * nd)
+    eps_hat = xs[1:] + bc(1 - sig_next).astype(x_end.dtype) * v_next
+    axes = tuple(range(1, nd + 1))
+    resid = jnp.mean((eps_hat - target[None]) ** 2, axis=axes)
+    w = jnp.where(sig_next > 0, obj.consistency_weight, 0.0)
+    h = sig[idx] - sig[idx - 1]
+    total = jnp.sum(w * resid) + obj.effort_weight * jnp.sum(jnp.abs(h) * jnp.mean(u**2, axis=axes))
+    if h_steps > 1:
+        total = total + obj.smoothness_weight * jnp.sum(jnp.mean((u[1:] - u[:-1]) ** 2, axis=axes))
+    calls = jnp.int32(1)
+    if obj.terminal_weight > 0 and not sched.direct:
+        n = p.num_steps
+        j_cmd = jnp.minimum(j_end, n - 1)
+        v_cmd, _, c = command_velocities(p, sched, x_end, j_cmd, False)
+        total = total + obj.terminal_weight * jnp.mean((v_end - v_cmd) ** 2)
+        calls = calls + c
+    return total, resid, calls
 
 
 def shooting_objective(
@@ -410,214 +192,431 @@ def shooting_objective(
     x: Float[Array, "..."],
     sigmas: Float[Array, " n_plus_1"],
     start: int,
-    cond_a: Any,
     cond_b: Any,
-    noise: Float[Array, "..."],
+    target: Float[Array, "..."],
     controls: Float[Array, "h ..."],
-    alpha: Float[Array, " n"] | None = None,
     *,
-    options: ShootingOptions = ShootingOptions(),
-    mode: str = "velocity",
+    consistency_weight: float = 1.0,
+    effort_weight: float = 1e-2,
+    smoothness_weight: float = 1e-3,
+    remat: bool = True,
 ) -> Float[Array, ""]:
-    """The single-shooting objective ``J(u)`` of the module docstring for ``controls`` (H, ...).
+    """The single-shooting objective ``J(u)`` of the module docstring for the direct command.
 
-    Differentiable (``jax.grad`` w.r.t. ``controls`` or ``x`` is what :func:`single_shooting`
-    descends); the horizon is ``controls.shape[0]``.
+    Differentiable in ``controls`` and ``x`` (``jax.grad`` is what :class:`Shooting` descends);
+    the horizon is ``controls.shape[0]``.
     """
-    opts = dataclasses.replace(options, horizon=int(jnp.shape(controls)[0]))
-    prob, x, start, H = _prepare(field, x, sigmas, start, cond_a, cond_b, noise, alpha, mode, opts)
-    if jnp.shape(controls) != (H, *x.shape):
+    x = jnp.asarray(x)
+    sigmas = jnp.asarray(sigmas).astype(x.dtype)
+    n = sigmas.shape[0] - 1
+    h = jnp.shape(controls)[0]
+    if not (isinstance(start, int) and 0 <= start and start + h <= n and h >= 1):
         raise ValueError(
-            f"controls have shape {jnp.shape(controls)}; expected (H, *x.shape) with H <= the "
-            f"remaining steps, i.e. {(H, *x.shape)}"
+            f"start={start!r} and {h} controls must fit the grid of {n} steps (start + H <= N)"
         )
-    xs = _rollout(prob, x, controls, start)
-    return _path_terms(prob, controls, xs[1:], start, opts)[0]
+    if jnp.shape(controls)[1:] != x.shape or jnp.shape(target) != x.shape:
+        raise ValueError(
+            f"controls must be (H, *x.shape) and target x's shape {x.shape}; got "
+            f"{jnp.shape(controls)} and {jnp.shape(target)}"
+        )
+    p = SwitchProblem(field, x, sigmas, cond_b, cond_b, target, None, None, None, None, k=start)
+    sched = Schedule(alpha_direct(n, start), None, Cost(), "velocity", True)
+    obj = _Objective(consistency_weight, effort_weight, smoothness_weight, 0.0, remat)
+    xs, vbs, _ = _rollout(p, sched, x, controls, start, remat)
+    return _terms(obj, p, sched, controls, xs, vbs, start, target)[0]
 
 
-def single_shooting(
-    field: Callable[[Array, Array, Any], Array],
-    x: Float[Array, "..."],
-    sigmas: Float[Array, " n_plus_1"],
-    start: int,
-    cond_a: Any,
-    cond_b: Any,
-    noise: Float[Array, "..."],
-    alpha: Float[Array, " n"] | None = None,
-    *,
-    options: ShootingOptions = ShootingOptions(),
-    mode: str = "velocity",
-    init: Float[Array, "h ..."] | None = None,
-) -> ShootingResult:
-    """Optimise per-step controls over ``H`` steps after the switch (single shooting).
+# ----------------------------------------------------------------------------- the optimiser
+class _OptimiserConfig(eqx.Module):
+    max_iter: int
+    learning_rate: float
+    lr_final: float
+    optimizer: str
+    rtol: float
+    patience: int
+    divergence_ratio: float
 
-    Args:
-        field: velocity field ``v(x, sigma, cond)``.
-        x: the cached state at grid step ``start`` (any shape).
-        sigmas: the trajectory's grid ``(N + 1,)``.
-        start: the switch step ``k`` (Python int).
-        cond_a, cond_b: conditioning of the cached prompt and of the new prompt.
-        noise: the noise target ``eps_target`` (the seed noise, or A's implied noise), x's shape.
-        alpha: per-step blend weights ``(N,)`` of the command (default: direct switch).
-        options: :class:`ShootingOptions`.
-        mode: ``"velocity"`` or ``"cond"`` blending for the command.
-        init: warm start controls ``(H, *x.shape)`` (e.g. a previous plan's); default zeros.
+    def make(self, num_iters: int) -> optax.GradientTransformation:
+        lr = optax.cosine_decay_schedule(self.learning_rate, max(num_iters, 1), self.lr_final)
+        return optax.adam(lr) if self.optimizer == "adam" else optax.sgd(lr)
 
-    Returns:
-        A :class:`ShootingResult` (jit-compiled; vmappable over ``x``, ``noise``, conds).
+
+def _optimise(loss_fn, params0, cfg: _OptimiserConfig, max_iter: int):
+    """Minimise ``loss_fn(params) -> (J, aux)`` with optax; early stop; keep the best iterate.
+
+    Stops on a non-finite objective or gradient (status 2) and when the objective exceeds
+    ``divergence_ratio`` times the first one (status 3).
+
+    Returns ``(best_params, best_J, best_aux, history (max_iter,), iterations, status)``.
     """
-    prob, x, start, H = _prepare(
-        field, x, sigmas, start, cond_a, cond_b, noise, alpha, mode, options
+    opt = cfg.make(max_iter)
+    vg = jax.value_and_grad(loss_fn, has_aux=True)
+    (j0, aux0), _ = jax.eval_shape(vg, params0)
+    dtype = j0.dtype
+    zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+
+    class Carry(NamedTuple):
+        it: Array
+        params: Any
+        opt_state: Any
+        best_params: Any
+        best_j: Array
+        best_aux: Any
+        j_prev: Array
+        stall: Array
+        hist: Array
+        fault: Array
+        j_first: Array
+
+    def cond(c: Carry):
+        return (c.it < max_iter) & (c.stall < cfg.patience) & (c.fault == 0)
+
+    def body(c: Carry):
+        (j, aux), g = vg(c.params)
+        finite = jnp.isfinite(j) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)])
+        )
+        j_first = jnp.where(c.it == 0, j, c.j_first)
+        diverged = finite & (j > cfg.divergence_ratio * jnp.maximum(j_first, 0.0))
+        fault = jnp.where(~finite, 2, jnp.where(diverged, 3, 0)).astype(jnp.int32)
+        better = finite & (j < c.best_j)
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
+        rel = (c.j_prev - j) / jnp.maximum(jnp.abs(c.j_prev), jnp.finfo(dtype).tiny)
+        upd, opt_state = opt.update(g, c.opt_state, c.params)
+        return Carry(
+            it=c.it + 1,
+            params=optax.apply_updates(c.params, upd),
+            opt_state=opt_state,
+            best_params=pick(c.params, c.best_params),
+            best_j=jnp.where(better, j, c.best_j),
+            best_aux=pick(aux, c.best_aux),
+            j_prev=j,
+            stall=jnp.where(rel < cfg.rtol, c.stall + 1, 0),
+            hist=c.hist.at[c.it].set(j),
+            fault=fault,
+            j_first=j_first,
+        )
+
+    inf = jnp.asarray(jnp.inf, dtype)
+    init = Carry(
+        jnp.int32(0),
+        params0,
+        opt.init(params0),
+        params0,
+        inf,
+        zero_aux,
+        inf,
+        jnp.int32(0),
+        jnp.full((max_iter,), jnp.nan, dtype),
+        jnp.int32(0),
+        inf,
     )
-    if init is not None and jnp.shape(init) != (H, *x.shape):
-        raise ValueError(
-            f"init has shape {jnp.shape(init)}; expected (H, *x.shape) = {(H, *x.shape)}"
-        )
-    return _single(prob, x, init, start, H, options)
+    out = jax.lax.while_loop(cond, body, init)
+    status = jnp.where(out.fault > 0, out.fault, jnp.where(out.stall >= cfg.patience, 0, 1))
+    return out.best_params, out.best_j, out.best_aux, out.hist, out.it, status.astype(jnp.int32)
 
 
-@eqx.filter_jit
-def _single(prob, x, init, start, H, opts):
-    u0 = jnp.zeros((H, *x.shape), x.dtype) if init is None else jnp.asarray(init, x.dtype)
+def objective_of(c) -> _Objective:
+    """The objective weights of a shooting controller."""
+    return _Objective(
+        c.consistency_weight, c.effort_weight, c.smoothness_weight, c.terminal_weight, c.remat
+    )
+
+
+def optimiser_of(c) -> _OptimiserConfig:
+    """The optimiser settings of a shooting controller."""
+    return _OptimiserConfig(
+        c.max_iter, c.learning_rate, c.lr_final, c.optimizer, c.rtol, c.patience, c.divergence_ratio
+    )
+
+
+def plan_single(
+    ctrl: Shooting, p: SwitchProblem, sched: Schedule, x: Array, start, h_steps: int, u0, target
+) -> ShootingPlan:
+    """Single shooting from ``x`` at grid step ``start`` over ``h_steps`` (traced)."""
+    obj = objective_of(ctrl)
 
     def loss(u):
-        xs = _rollout(prob, x, u, start)
-        j, _ = _path_terms(prob, u, xs[1:], start, opts)
-        return j, xs
+        xs, vbs, calls = _rollout(p, sched, x, u, start, obj.remat)
+        j, _, extra = _terms(obj, p, sched, u, xs, vbs, start, target)
+        return j, (xs, calls + extra)
 
-    u, j, xs, hist, it, status = _optimise(loss, u0, opts, opts.max_iter)
-    f = _eval_nfe(prob, start, H, opts)
-    return ShootingResult(
-        controls=u,
-        path=xs,
-        objective=hist,
-        final_objective=j,
-        iterations=it,
-        defect=jnp.zeros((), x.dtype),
-        nfe_forward=it * f,
-        nfe_backward=it * f,
-        nfe=2 * it * f,
-        status=status,
-        horizon=H,
-        start=start,
+    u, j, (xs, calls), hist, it, status = _optimise(loss, u0, optimiser_of(ctrl), ctrl.max_iter)
+    per_eval = Cost(forwards=calls, vjps=calls)
+    return ShootingPlan(u, xs, hist, j, it, jnp.zeros((), x.dtype), status, per_eval.scale(it))
+
+
+def _plan_result(plan: ShootingPlan, max_control: float):
+    """The plan's outcome: a discarded plan runs the command (:class:`RESULTS`)."""
+    u = plan.controls
+    peak = jnp.max(jnp.abs(u))
+    res = RESULTS.where(
+        plan.status == 2,
+        RESULTS.plan_nonfinite,
+        RESULTS.where(
+            plan.status == 3,
+            RESULTS.plan_diverged,
+            RESULTS.where(
+                ~jnp.all(jnp.isfinite(u)),
+                RESULTS.plan_control_nonfinite,
+                RESULTS.where(
+                    peak > max_control, RESULTS.plan_control_too_large, RESULTS.successful
+                ),
+            ),
+        ),
     )
+    return res, peak
 
 
-def _segment_bounds(start: int, H: int, num_segments: int) -> list[int]:
-    s = min(num_segments, H)
-    return sorted({start + round(j * H / s) for j in range(s + 1)})
+def _plan_diagnostics(plan: ShootingPlan, peak) -> dict:
+    return {
+        "objective": plan.objective,
+        "final_objective": plan.final_objective,
+        "iterations": plan.iterations,
+        "status": plan.status,
+        "defect": plan.defect,
+        "peak_control": peak,
+        "controls": plan.controls,
+    }
 
 
-def multiple_shooting(
-    field: Callable[[Array, Array, Any], Array],
-    x: Float[Array, "..."],
-    sigmas: Float[Array, " n_plus_1"],
-    start: int,
-    cond_a: Any,
-    cond_b: Any,
-    noise: Float[Array, "..."],
-    alpha: Float[Array, " n"] | None = None,
-    *,
-    options: ShootingOptions = ShootingOptions(),
-    mode: str = "velocity",
-    init: Float[Array, "h ..."] | None = None,
-) -> ShootingResult:
+def _check_options(c) -> None:
+    if c.horizon is not None and (
+        isinstance(c.horizon, bool) or not isinstance(c.horizon, int) or c.horizon < 1
+    ):
+        raise ValueError(
+            f"horizon must be a positive int or None (all remaining), got {c.horizon!r}"
+        )
+    if isinstance(c.max_iter, bool) or not isinstance(c.max_iter, int) or c.max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {c.max_iter!r}")
+    if c.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {c.optimizer!r}")
+    if not c.learning_rate > 0 or not c.lr_final > 0:
+        raise ValueError("learning_rate and lr_final must be > 0")
+    for name in ("consistency_weight", "effort_weight", "smoothness_weight", "terminal_weight"):
+        if not getattr(c, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
+    if not c.divergence_ratio > 1:
+        raise ValueError(f"divergence_ratio must be > 1, got {c.divergence_ratio}")
+    if not c.max_control > 0:
+        raise ValueError(f"max_control must be > 0, got {c.max_control}")
+    if not isinstance(c.command, AbstractCommand):
+        raise TypeError(f"command must be Direct(), Blend(...) or Adaptive(...), got {c.command!r}")
+    check_target(c.target)
+
+
+class _ShootingState(NamedTuple):
+    controls: Array  # (H, *x.shape) planned controls (zeros when the plan was discarded)
+
+
+class Shooting(AbstractController):
+    """Single shooting over ``horizon`` steps after the switch, then the command.
+
+    Attributes:
+        horizon: controlled steps (``None``: all remaining).
+        max_iter, learning_rate, lr_final, optimizer, rtol, patience: the optimiser (optax Adam
+            or SGD, cosine-decayed step, early stop).
+        consistency_weight, effort_weight, smoothness_weight, terminal_weight: the objective.
+        target: ``"a-implied"`` (default) or ``"seed"``.
+        divergence_ratio: stop (and discard the plan) when the objective exceeds this times its
+            initial value.
+        max_control: discard a plan whose largest control exceeds this (velocity units).
+        remat: checkpoint each rollout step (memory ~ one step's activations).
+        init_controls: warm start ``(H, *x.shape)`` (e.g. a previous plan); default zeros.
+        command: the command the plan steers.
+    """
+
+    horizon: int | None = 3
+    max_iter: int = 30
+    learning_rate: float = 0.1
+    lr_final: float = 0.01
+    optimizer: str = "adam"
+    rtol: float = 1e-3
+    patience: int = 3
+    consistency_weight: float = 1.0
+    effort_weight: float = 1e-2
+    smoothness_weight: float = 1e-3
+    terminal_weight: float = 0.0
+    target: str = "a-implied"
+    divergence_ratio: float = 1e3
+    max_control: float = 100.0
+    remat: bool = True
+    init_controls: Array | None = None
+    command: AbstractCommand = Direct()
+
+    def __check_init__(self):
+        _check_options(self)
+
+    def schedule(self, p: SwitchProblem) -> Schedule:
+        return self.command.schedule(p)
+
+    def init(self, p: SwitchProblem, sched: Schedule) -> PlanOut:
+        h_steps = self.window(p.num_steps - p.k)
+        target, cost = p.noise_target(self.target)
+        u0 = _initial_controls(self.init_controls, h_steps, p.x)
+        plan = plan_single(self, p, sched, p.x, p.k, h_steps, u0, target)
+        res, peak = _plan_result(plan, self.max_control)
+        u = jnp.where(res == RESULTS.successful, plan.controls, 0.0)
+        diag = _plan_diagnostics(plan, peak)
+        return PlanOut(p.x, _ShootingState(u), cost + plan.cost, res, diag)
+
+    def window(self, remaining: int) -> int:
+        return remaining if self.horizon is None else min(self.horizon, remaining)
+
+    def uses_b_velocity(self) -> bool:
+        return False
+
+    def step(self, p, sched, state: _ShootingState, j, x, v_cmd, v_b) -> StepOut:
+        return StepOut(state.controls[j - p.k], state, Cost(), RESULTS.successful, {})
+
+
+def _initial_controls(init, h_steps: int, x: Array) -> Array:
+    if init is None:
+        return jnp.zeros((h_steps, *x.shape), x.dtype)
+    if jnp.shape(init) != (h_steps, *x.shape):
+        raise ValueError(
+            f"init_controls has shape {jnp.shape(init)}; expected (H, *x.shape) = "
+            f"{(h_steps, *x.shape)}"
+        )
+    return jnp.asarray(init, x.dtype)
+
+
+def _segment_bounds(start: int, h_steps: int, num_segments: int) -> list[int]:
+    s = min(num_segments, h_steps)
+    return sorted({start + round(j * h_steps / s) for j in range(s + 1)})
+
+
+class MultipleShooting(AbstractController):
     """Multiple shooting: controls and segment start states, continuity by augmented Lagrangian.
 
-    The horizon's ``H`` steps are split into ``options.num_segments`` segments; segment ``j`` is
-    integrated from its own start state ``s_j`` (``s_0 = x``), and the defects
-    ``d_j = x_end(segment j-1) - s_j`` are driven to zero by ``outer_iters`` rounds of
-    ``mu += rho d``, ``rho *= penalty_growth`` around inner optax solves (the total iteration
-    budget is ``max_iter``). The objective is the single-shooting one evaluated on the segments'
-    states, plus ``mean(mu d) + rho/2 mean(d^2)`` per boundary. Returns a
-    :class:`ShootingResult` whose ``defect`` is the final ``max |d|`` and whose ``path`` holds the
-    segments' states (``controls`` applied from ``x`` reproduce it up to the defect).
-    Arguments as :func:`single_shooting`.
+    The horizon's ``H`` steps are split into ``num_segments`` segments; segment ``j`` starts at
+    its own state ``s_j`` (``s_0 = x_k``) and the defects ``d_j = x_end(segment j-1) - s_j`` are
+    driven to zero by ``outer_iters`` rounds of ``mu += rho d``, ``rho *= penalty_growth`` around
+    inner optax solves (``max_iter`` iterations in all). The diagnostics report the final
+    ``max |d|`` (``defect``); the executed rollout replays the controls from ``x_k``. Options
+    as :class:`Shooting`, plus the segment and penalty settings.
     """
-    prob, x, start, H = _prepare(
-        field, x, sigmas, start, cond_a, cond_b, noise, alpha, mode, options
-    )
-    if init is not None and jnp.shape(init) != (H, *x.shape):
-        raise ValueError(
-            f"init has shape {jnp.shape(init)}; expected (H, *x.shape) = {(H, *x.shape)}"
-        )
-    return _multiple(prob, x, init, start, H, options)
 
+    horizon: int | None = 3
+    num_segments: int = 2
+    penalty: float = 100.0
+    penalty_growth: float = 10.0
+    outer_iters: int = 3
+    max_iter: int = 30
+    learning_rate: float = 0.1
+    lr_final: float = 0.01
+    optimizer: str = "adam"
+    rtol: float = 1e-3
+    patience: int = 3
+    consistency_weight: float = 1.0
+    effort_weight: float = 1e-2
+    smoothness_weight: float = 1e-3
+    terminal_weight: float = 0.0
+    target: str = "a-implied"
+    divergence_ratio: float = 1e3
+    max_control: float = 100.0
+    remat: bool = True
+    command: AbstractCommand = Direct()
 
-@eqx.filter_jit
-def _multiple(prob, x, init, start, H, opts):
-    bounds = _segment_bounds(start, H, opts.num_segments)
-    nseg = len(bounds) - 1
-    u0 = jnp.zeros((H, *x.shape), x.dtype) if init is None else jnp.asarray(init, x.dtype)
-    xs0 = _rollout(prob, x, u0, start)
-    s0 = jnp.stack([xs0[b - start] for b in bounds[1:-1]]) if nseg > 1 else None
-    # segment states are optimised as s = s0 + scale * delta with scale = the mean |step|, so
-    # one optimiser step moves a state as much as a control step does (Adam's steps have the
-    # size of the learning rate in parameter units)
-    hs = prob.sigmas[start + 1 : start + H + 1] - prob.sigmas[start : start + H]
-    scale = jnp.mean(jnp.abs(hs)).astype(x.dtype)
+    def __check_init__(self):
+        _check_options(self)
+        for name in ("num_segments", "outer_iters"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not self.penalty >= 0 or not self.penalty_growth >= 1:
+            raise ValueError("penalty must be >= 0 and penalty_growth >= 1")
 
-    def segments(params):
-        u, delta = params
-        s = None if delta is None else s0 + scale * delta
-        states, defects = [], []
-        for j in range(nseg):
-            a, b = bounds[j], bounds[j + 1]
-            x_start = x if j == 0 else s[j - 1]
-            xs = _rollout(prob, x_start, u[a - start : b - start], a)
-            states.append(xs[1:])
-            if j < nseg - 1:
-                defects.append(xs[-1] - s[j])
-        d = jnp.stack(defects) if defects else jnp.zeros((0, *x.shape), x.dtype)
-        return jnp.concatenate(states), d
+    def schedule(self, p: SwitchProblem) -> Schedule:
+        return self.command.schedule(p)
 
-    inner = opts.max_iter if nseg == 1 else max(1, opts.max_iter // opts.outer_iters)
-    outer = 1 if nseg == 1 else opts.outer_iters
-    axes = tuple(range(1, x.ndim + 1))
+    def init(self, p: SwitchProblem, sched: Schedule) -> PlanOut:
+        h_steps = self.window(p.num_steps - p.k)
+        target, cost = p.noise_target(self.target)
+        plan = self._plan(p, sched, h_steps, target)
+        res, peak = _plan_result(plan, self.max_control)
+        u = jnp.where(res == RESULTS.successful, plan.controls, 0.0)
+        return PlanOut(p.x, _ShootingState(u), cost + plan.cost, res, _plan_diagnostics(plan, peak))
 
-    def loss(p, mu, rho):
-        xs_next, d = segments(p)
-        j, _ = _path_terms(prob, p[0], xs_next, start, opts)
-        if nseg > 1:
-            j = (
-                j
-                + jnp.sum(jnp.mean(mu * d, axis=axes))
-                + 0.5 * rho * jnp.sum(jnp.mean(d**2, axis=axes))
+    def _plan(self, p: SwitchProblem, sched: Schedule, h_steps: int, target) -> ShootingPlan:
+        x, start = p.x, p.k
+        obj = objective_of(self)
+        cfg = optimiser_of(self)
+        bounds = _segment_bounds(start, h_steps, self.num_segments)
+        nseg = len(bounds) - 1
+        u0 = jnp.zeros((h_steps, *x.shape), x.dtype)
+        xs0, _, calls0 = _rollout(p, sched, x, u0, start, obj.remat)
+        s0 = jnp.stack([xs0[b - start] for b in bounds[1:-1]]) if nseg > 1 else None
+        hs = p.sigmas[start + 1 : start + h_steps + 1] - p.sigmas[start : start + h_steps]
+        scale = jnp.mean(jnp.abs(hs)).astype(x.dtype)  # a state step moves like a control step
+        axes = tuple(range(1, x.ndim + 1))
+
+        def segments(params):
+            u, delta = params
+            s = None if delta is None else s0 + scale * delta
+            states, vbs, defects, calls = [x[None]], [], [], jnp.int32(0)
+            for j in range(nseg):
+                a, b = bounds[j], bounds[j + 1]
+                x_start = x if j == 0 else s[j - 1]
+                xs, vb, c = _rollout(p, sched, x_start, u[a - start : b - start], a, obj.remat)
+                # at a boundary the state is the next segment's start s_j (its velocity is the
+                # one the next rollout evaluates); the defect term pulls the two together
+                states.append(xs[1:] if j == nseg - 1 else jnp.concatenate([xs[1:-1], s[j][None]]))
+                vbs.append(vb)
+                calls = calls + c
+                if j < nseg - 1:
+                    defects.append(xs[-1] - s[j])
+            d = jnp.stack(defects) if defects else jnp.zeros((0, *x.shape), x.dtype)
+            return jnp.concatenate(states), jnp.concatenate(vbs), d, calls
+
+        def loss(params, mu, rho):
+            xs, vbs, d, calls = segments(params)
+            j, _, extra = _terms(obj, p, sched, params[0], xs, vbs, start, target)
+            if nseg > 1:
+                j = (
+                    j
+                    + jnp.sum(jnp.mean(mu * d, axis=axes))
+                    + 0.5 * rho * jnp.sum(jnp.mean(d**2, axis=axes))
+                )
+            return j, (xs, d, calls + extra)
+
+        inner = self.max_iter if nseg == 1 else max(1, self.max_iter // self.outer_iters)
+        outer = 1 if nseg == 1 else self.outer_iters
+
+        def outer_step(c, _):
+            params, mu, rho, its, status = c
+            params, _, (xs, d, calls), hist, it, st = _optimise(
+                lambda q: loss(q, mu, rho), params, cfg, inner
             )
-        return j, (xs_next, d)
+            carry = (
+                params,
+                mu + rho * d,
+                rho * self.penalty_growth,
+                its + it,
+                jnp.maximum(status, st),
+            )
+            return carry, (hist, xs, d, calls)
 
-    def outer_step(c, _):
-        params, mu, rho, its, status = c
-        params, _, (xs_next, d), hist, it, st = _optimise(
-            lambda p: loss(p, mu, rho), params, opts, inner
+        mu0 = jnp.zeros((max(nseg - 1, 0), *x.shape), x.dtype)
+        d0 = None if s0 is None else jnp.zeros_like(s0)
+        init = ((u0, d0), mu0, jnp.asarray(self.penalty, x.dtype), jnp.int32(0), jnp.int32(0))
+        (params, _, _, its, status), (hists, xs_all, d_all, calls) = jax.lax.scan(
+            outer_step, init, None, length=outer
         )
-        # status: diverged / non-finite anywhere wins, then max-iter over converged
-        carry = (params, mu + rho * d, rho * opts.penalty_growth, its + it, jnp.maximum(status, st))
-        return carry, (hist, xs_next, d)
+        u = params[0]
+        defect = jnp.max(jnp.abs(d_all[-1])) if nseg > 1 else jnp.zeros((), x.dtype)
+        per_eval = calls[-1]
+        cost = Cost(forwards=per_eval, vjps=per_eval).scale(its) + Cost(
+            forwards=calls0 if nseg > 1 else 0
+        )
+        hist = hists.reshape(-1)
+        return ShootingPlan(u, xs_all[-1], hist, jnp.nanmin(hist), its, defect, status, cost)
 
-    mu0 = jnp.zeros((max(nseg - 1, 0), *x.shape), x.dtype)
-    d0 = None if s0 is None else jnp.zeros_like(s0)
-    init_c = ((u0, d0), mu0, jnp.asarray(opts.penalty, x.dtype), jnp.int32(0), jnp.int32(0))
-    (params, _, _, its, status), (hists, xs_all, d_all) = jax.lax.scan(
-        outer_step, init_c, None, length=outer
-    )
-    xs_next, d = xs_all[-1], d_all[-1]
-    u = params[0]
-    j_final, _ = _path_terms(prob, u, xs_next, start, opts)
-    defect = jnp.max(jnp.abs(d)) if nseg > 1 else jnp.zeros((), x.dtype)
-    f = _eval_nfe(prob, start, H, opts)
-    init_nfe = blend_nfe(prob.alpha, start, start + H, prob.mode) if nseg > 1 else 0
-    return ShootingResult(
-        controls=u,
-        path=jnp.concatenate([x[None], xs_next]),
-        objective=hists.reshape(-1),
-        final_objective=j_final,
-        iterations=its,
-        defect=defect,
-        nfe_forward=its * f + init_nfe,
-        nfe_backward=its * f,
-        nfe=2 * its * f + init_nfe,
-        status=status,
-        horizon=H,
-        start=start,
-    )
+    def window(self, remaining: int) -> int:
+        return remaining if self.horizon is None else min(self.horizon, remaining)
+
+    def uses_b_velocity(self) -> bool:
+        return False
+
+    def step(self, p, sched, state: _ShootingState, j, x, v_cmd, v_b) -> StepOut:
+        return StepOut(state.controls[j - p.k], state, Cost(), RESULTS.successful, {})

@@ -1,81 +1,39 @@
-"""One entry point for finishing prompt B from a cached state of prompt A's trajectory.
+"""``switch`` / ``switch_batch``: finish prompt B from prompt A's cached state with a controller.
 
-``switch(field, state_a, cond_b, method=...)`` takes a :class:`~rfmpc.flow.TrajectoryState` of
-prompt A at grid step ``k`` (cached after ``k`` of ``N`` steps from seed noise ``eps``) and runs
-the remaining ``N - k`` steps for prompt B. The goal is B's own trajectory from the same seed;
-what each method does to get there (and what it costs):
+``switch(field, state_a, cond_b, controller=MPC())`` takes a :class:`~rfmpc.flow.TrajectoryState`
+of prompt A at grid step ``k`` and runs the remaining ``N - k`` steps for prompt B, steered by a
+controller object (:mod:`rfmpc.control.base`): its planning stage once, then its feedback law
+on the first ``window`` steps inside one ``lax.scan``, then the plain command through the flow
+core (diffrax Euler on the grid). :func:`switch_batch` runs the same two compiled stages under
+``jax.vmap``: the same validation, the same in-graph fallbacks, the same results.
 
-=====================  =========================================================================
-``direct``             switch the conditioning to B at step ``k`` (``N - k`` calls).
-``blend``              linear velocity blend A -> B over ``transition_steps`` steps.
-``adaptive``           the write-up's sigmoid blend, length from similarity (given, or the
-                       cosine of ``v_A``/``v_B`` at the cached state: 2 extra calls).
-``reproject``          noise-consistent re-projection at the switch, ``reproject_iters`` times
-                       ``x <- (1 - sigma_k) x0_hat_B(x) + sigma_k eps_target`` with
-                       ``x0_hat_B(x) = x - sigma_k v_B(x)``, then B. This is the closed-form
-                       minimiser of the noise-consistency objective at the switch state (see
-                       :mod:`rfmpc.control.shooting`) and a strong, cheap baseline.
-``sdedit``             re-noise A's *final* image ``x0_A`` to ``sigma_k`` with *fresh* noise
-                       (``key``), ``(1 - sigma_k) x0_A + sigma_k eps'``, then B (Meng et al.,
-                       "SDEdit", ICLR 2022). Costs ``N - k`` extra calls unless ``final_a`` is
-                       given (A's final latent cached too).
-``shooting``           single shooting plan over ``shooting.horizon`` steps, then B.
-``multiple-shooting``  multiple shooting plan (continuity defect reported), then B.
-``mpc``                receding-horizon MPC on the first ``mpc.control_steps`` steps (default 3),
-                       then B (:mod:`rfmpc.control.mpc`).
-``shooting-mpc``       the write-up's combined algorithm: a shooting plan at the switch, MPC
-                       tracking it (plan states as reference, plan controls as feed-forward),
-                       and a re-plan (warm-started from the old plan) when the error grows,
-                       checked every ``replan_every`` steps, at most ``max_replans`` times and
-                       only where a full re-plan horizon still fits. The error
-                       (``replan_on``) is the tracking error ``mean((x - x_plan)^2) >
-                       replan_tol`` (default; free) or the noise-consistency error growing past
-                       ``replan_ratio`` times its value at the last plan (one call per check).
-                       The latter is the write-up's rule, but on curved flows the consistency
-                       error grows by itself as sigma falls (see below), so it triggers
-                       re-plans at low sigma that pull the state off B's trajectory -- on the
-                       exact GMM this made results much worse, hence the default.
-=====================  =========================================================================
+What the cache can hand over for free (:class:`SwitchCache`): ``v_A(x_k)`` (A's own run evaluated
+it at step ``k``; every ``"a-implied"`` target needs it), A's final latent (SDEdit) and the seed
+noise (otherwise regenerated from the state's key).
 
-``eps_target`` is the seed noise (``noise_target="seed"``, default) or A's implied noise at the
-cached state ``eps_hat_A = x_k + (1 - sigma_k) v_A(x_k)`` (``"a-implied"``, one extra call): on
-a curved flow ``eps_hat`` drifts from ``eps`` as sigma falls (it is ``E[eps | x]``), and for
-similar prompts A's drift approximates B's, so matching A's implied noise removes the shared
-bias. Which target is better is an empirical question; ``benchmarks/switch_quality.py`` measures.
-On the exact GMM (N = 28, switches at k = 7 and 14, mean shifts 0.1 - 1) ``"a-implied"`` beat
-``"seed"`` in most settings but lost when the prompts were dissimilar (velocity cosine ~0.6)
-at the later switch; ``reproject`` with it beat the direct switch in every setting, while the
-gradient methods (shooting, multiple shooting, shooting-mpc) cost ~15x the NFE of finishing
-from scratch for no better quality. The default stays ``"seed"`` (the principled target); read
-the benchmark before choosing.
+Fallbacks are decided inside the compiled graph and reported with one enumeration,
+:class:`~rfmpc.control.results.RESULTS`:
 
-The control methods (shooting, MPC) steer a *command* velocity chosen by ``command``
-(``"direct"``: pure B; ``"blend"``/``"adaptive"``: the blends above).
+* a plan the controller rejects (non-finite or diverged shooting, controls above
+  ``max_control``) runs the command instead (``u = 0`` on the window);
+* a non-finite start state (re-projection, re-noising) is replaced by the cached state;
+* a step whose control is rejected (QP not converged, box violated, non-finite) applies ``u = 0``
+  on that step; a controlled step whose next state is non-finite takes the command's own step.
 
-NFE counts every model evaluation (forward calls, JVP probes, and for shooting the VJPs of the
-backward passes), planning included. ``planning_s`` is the wall time of the planning stage
-(similarity, re-projection, A's finish for SDEdit, shooting); MPC computes its controls inside
-the rollout, so its cost shows in ``wall_s``. Timings include compilation on a first call.
+The overall result is the first non-successful outcome (plan first, then steps in order); every
+per-step outcome is in ``diagnostics["step_results"]``. ``throw=True`` raises instead (an
+``equinox`` run-time error naming the outcome). One last safety net runs outside the graph: if the
+final latent is still non-finite, the plain command is re-run from the cached state
+(``RESULTS.rollout_nonfinite``); if that is non-finite too, no safe result exists and a
+``FloatingPointError`` names the first bad grid step.
 
-Numerical faults never return silently. A shooting plan whose optimisation hit a non-finite
-objective or gradient, diverged (objective above ``divergence_ratio`` times the initial one) or
-whose controls are non-finite or larger than ``shooting.max_control`` is discarded and the
-command runs instead (``u = 0``); an MPC step whose QP did not converge, was non-finite or whose
-control left the box ``|u| <= u_max`` applies the command on that step (per-step codes in
-``diagnostics["fault_codes"]``, counts in ``diagnostics["fallback_counts"]``). If a controlled
-rollout still ends non-finite, the plain command is re-run from the cached state and returned.
-Each of these sets ``SwitchResult.fallback`` and says why in ``fallback_reason``. If the plain
-command itself is non-finite (the field returns NaN/inf for B), no safe result exists and
-:func:`switch` raises ``FloatingPointError`` naming the first bad grid step.
-
-All methods are jit-compiled and can run batched over several prompt pairs with
-:func:`switch_batch` (``jax.vmap``; with ``vmap`` the data-dependent branches of
-``shooting-mpc`` -- re-plan or not -- run both sides).
+Costs (:class:`~rfmpc.control.results.Cost`) count forwards, JVPs and VJPs separately. Wall times
+are measured around the compiled stages (``planning_s``: schedule + plan; ``wall_s``: the whole
+switch); a first call includes compilation.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,43 +45,31 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from rfmpc.control.mpc import (
-    MPC_FAULTS,
-    MPCOptions,
-    MPCPlan,
-    _Ctx,
-    _mpc_run,
-    _mpc_step,
-    _step_nfe,
-    _zero_qp,
-    num_probes,
+from rfmpc.control.base import (
+    AbstractCommand,
+    AbstractController,
+    PlanOut,
+    Schedule,
+    SwitchProblem,
+    command_velocities,
 )
-from rfmpc.control.qp import shift_warm_start
-from rfmpc.control.schedules import (
-    BlendedField,
-    BlendSchedule,
-    alpha_adaptive,
-    alpha_direct,
-    alpha_linear,
-    blend_nfe,
-    velocity_similarity,
+from rfmpc.control.direct import Direct
+from rfmpc.control.results import (
+    OUTCOMES,
+    RESULTS,
+    Cost,
+    outcome,
+    outcome_code,
+    outcome_from_code,
 )
-from rfmpc.control.shooting import (
-    SHOOTING_STATUS,
-    ShootingOptions,
-    _multiple,
-    _Problem,
-    _single,
-    resolve_horizon,
-)
+from rfmpc.control.schedules import BlendedField, BlendSchedule, blend_nfe
 from rfmpc.flow.schedule import flowmatch_sigmas
 from rfmpc.flow.solve import integrate, integrate_path
 from rfmpc.flow.state import TrajectoryState
 
 __all__ = [
-    "METHODS",
     "BatchSwitchResult",
-    "SwitchConfig",
+    "SwitchCache",
     "SwitchResult",
     "from_scratch_equal_nfe",
     "stack_states",
@@ -131,59 +77,20 @@ __all__ = [
     "switch_batch",
 ]
 
-METHODS = (
-    "direct",
-    "blend",
-    "adaptive",
-    "reproject",
-    "sdedit",
-    "shooting",
-    "multiple-shooting",
-    "mpc",
-    "shooting-mpc",
-)
-_COMMANDS = ("direct", "blend", "adaptive")
-_TARGETS = ("seed", "a-implied")
 
+class SwitchCache(eqx.Module):
+    """What a cache entry stores beside A's state, so a controller need not recompute it.
 
-@dataclass(frozen=True)
-class SwitchConfig:
-    """Options of :func:`switch` (hashable: static under jit). See the module docstring."""
+    Attributes:
+        velocity: ``v_A(x_k, sigma_k)``, A's (guided) velocity at the cached state: A's own run
+            computed it at step ``k``. Makes every ``"a-implied"`` noise target free.
+        final: A's final latent (SDEdit re-noises it).
+        noise: A's seed noise (default: regenerated from the state's key).
+    """
 
-    transition_steps: int = 5
-    blend_mode: str = "velocity"
-    sigmoid_slope: float = 10.0
-    command: str = "direct"
-    noise_target: str = "seed"
-    reproject_iters: int = 3
-    shooting: ShootingOptions = dataclasses.field(default_factory=ShootingOptions)
-    mpc: MPCOptions = dataclasses.field(default_factory=MPCOptions)
-    replan_every: int = 1
-    replan_on: str = "tracking"
-    replan_tol: float = 1e-3
-    replan_ratio: float = 2.0
-    max_replans: int = 2
-
-    def __post_init__(self):
-        if self.blend_mode not in ("velocity", "cond"):
-            raise ValueError(f"blend_mode must be 'velocity' or 'cond', got {self.blend_mode!r}")
-        if self.command not in _COMMANDS:
-            raise ValueError(f"command must be one of {_COMMANDS}, got {self.command!r}")
-        if self.noise_target not in _TARGETS:
-            raise ValueError(f"noise_target must be one of {_TARGETS}, got {self.noise_target!r}")
-        if self.replan_on not in ("tracking", "consistency"):
-            raise ValueError(
-                f"replan_on must be 'tracking' or 'consistency', got {self.replan_on!r}"
-            )
-        if self.transition_steps < 1 or self.reproject_iters < 1 or self.replan_every < 1:
-            raise ValueError(
-                "transition_steps, reproject_iters and replan_every must be >= 1, got "
-                f"{self.transition_steps}, {self.reproject_iters} and {self.replan_every}"
-            )
-        if not isinstance(self.shooting, ShootingOptions):
-            raise TypeError("shooting must be a ShootingOptions")
-        if not isinstance(self.mpc, MPCOptions):
-            raise TypeError("mpc must be an MPCOptions")
+    velocity: Array | None = None
+    final: Array | None = None
+    noise: Array | None = None
 
 
 @dataclass(frozen=True)
@@ -191,340 +98,191 @@ class SwitchResult:
     """Outcome of :func:`switch` (a plain record, not a pytree).
 
     Attributes:
-        state: the final :class:`TrajectoryState` (step N, cond = cond_b, A's key and grid).
-        method: the method name.
-        nfe: model evaluations in total (planning included).
-        planning_s: wall time of the planning stage (see the module docstring).
-        wall_s: wall time of the whole switch (planning + rollout).
-        fallback: whether a controller fell back to the (blend) command somewhere: a discarded
-            shooting plan, MPC steps without a usable QP control, or a non-finite controlled
-            rollout replaced by the command's (see the module docstring).
-        fallback_reason: why, in words (None when no fallback).
-        diagnostics: method-specific arrays and numbers (objective history, defect, QP stats...).
+        state: the final :class:`TrajectoryState` (step N, ``cond = cond_b``, A's key and grid).
+        controller: the controller object that ran.
+        cost: model evaluations by kind (:class:`Cost` of Python ints).
+        result: the :class:`RESULTS` item (``RESULTS.successful`` unless something fell back).
+        fallback: ``result != RESULTS.successful``.
+        fallback_reason: what fell back and what ran instead, in words (None when nothing did).
+        planning_s: wall time of the schedule + planning stage.
+        wall_s: wall time of the whole switch.
+        diagnostics: per-step outcomes and the controller's own arrays (objective history,
+            consistency residuals, QP iterations...).
     """
 
     state: TrajectoryState
-    method: str
-    nfe: int
-    planning_s: float
-    wall_s: float
+    controller: AbstractController
+    cost: Cost
+    result: Any
     fallback: bool
     fallback_reason: str | None
+    planning_s: float
+    wall_s: float
     diagnostics: dict
+
+    @property
+    def nfe(self) -> int:
+        """Forward model calls (JVPs and VJPs are in ``cost``, not here)."""
+        return int(self.cost.forwards)
+
+    @property
+    def outcome(self) -> str:
+        """The result's name (``"successful"``, ``"qp_not_converged"``...)."""
+        return OUTCOMES[int(outcome_code(self.result))]
 
 
 @dataclass(frozen=True)
 class BatchSwitchResult:
-    """Outcome of :func:`switch_batch`: per-pair arrays stacked on a leading axis."""
+    """Outcome of :func:`switch_batch`: per-pair arrays on a leading axis.
+
+    ``results`` holds one :class:`RESULTS` item per pair; ``fallback_reasons`` one string or
+    None per pair.
+    """
 
     x: Array
-    nfe: Array
-    fallback: Array
+    controller: AbstractController
+    cost: Cost
+    results: list
+    fallback: np.ndarray
+    fallback_reasons: list
     planning_s: float
     wall_s: float
-    method: str
     diagnostics: dict
 
 
-# ----------------------------------------------------------------------------- helpers
-def _alpha(cfg: SwitchConfig, kind: str, n: int, k: int, field, x, sig_k, cond_a, cond_b, sim):
-    """Per-step alpha for a command kind; returns (alpha, similarity or None, nfe)."""
-    if kind == "direct":
-        return alpha_direct(n, k), None, 0
-    if kind == "blend":
-        return alpha_linear(n, k, cfg.transition_steps), None, 0
-    nfe = 0
-    if sim is None:
-        sim = velocity_similarity(field(x, sig_k, cond_a), field(x, sig_k, cond_b))
-        nfe = 2
-    return alpha_adaptive(n, k, sim, cfg.sigmoid_slope), jnp.asarray(sim), nfe
+# ----------------------------------------------------------------------------- the engine
+def _all_finite(x) -> Array:
+    return jnp.all(jnp.isfinite(x))
 
 
-def _target(cfg: SwitchConfig, field, x, eps, sig_k, cond_a):
-    if cfg.noise_target == "seed":
-        return eps, 0
-    v_a = field(x, sig_k, cond_a).astype(x.dtype)
-    return x + (1 - sig_k) * v_a, 1
+def _plan_impl(controller: AbstractController, p: SwitchProblem):
+    sched = controller.schedule(p)
+    out = controller.init(p, sched)
+    ok = _all_finite(out.x_start)
+    x_start = jnp.where(ok, out.x_start, p.x)
+    keep = ok | (out.result != RESULTS.successful)
+    result = RESULTS.where(keep, out.result, RESULTS.start_nonfinite)
+    return sched, PlanOut(x_start, out.state, sched.cost + out.cost, result, out.diagnostics)
 
 
-def _command(method: str, cfg: SwitchConfig) -> str:
-    if method in ("direct", "reproject", "sdedit"):
-        return "direct"
-    if method == "blend":
-        return "blend"
-    if method == "adaptive":
-        return "adaptive"
-    return cfg.command
+def _tail(p: SwitchProblem, sched: Schedule, x, start: int):
+    """The plain command on steps ``start .. N - 1`` through the flow core."""
+    n = p.num_steps
+    if start >= n:
+        return x, jnp.int32(0)
+    if sched.direct:
+        return integrate(p.field, x, p.sigmas, p.cond_b, start=start).x, jnp.int32(n - start)
+    bf = BlendedField(p.field, sched.mode, False)
+    out = integrate(bf, x, p.sigmas, BlendSchedule(p.cond_a, p.cond_b, sched.alpha), start=start)
+    return out.x, blend_nfe(sched.alpha, start, n, sched.mode)
 
 
-# ----------------------------------------------------------------------------- planning stage
-@eqx.filter_jit
-def _plan(method, cfg, field, x, eps, sigmas, cond_a, cond_b, k, key, sim, final_a, init):
-    n = sigmas.shape[0] - 1
-    sig = sigmas.astype(x.dtype)
-    sig_k = sig[k]
-    out: dict[str, Any] = {}
-    binary = _command(method, cfg) == "direct"
-    alpha, sim, nfe = _alpha(cfg, _command(method, cfg), n, k, field, x, sig_k, cond_a, cond_b, sim)
-    out["alpha"] = alpha
-    if sim is not None:
-        out["similarity"] = sim
-    x_start = x
-    if method in ("reproject", "shooting", "multiple-shooting", "mpc", "shooting-mpc"):
-        target, t_nfe = _target(cfg, field, x, eps, sig_k, cond_a)
-        nfe += t_nfe
-        out["target"] = target
-    if method == "reproject":
-        resid = []
-        for _ in range(cfg.reproject_iters):
-            v_b = field(x_start, sig_k, cond_b).astype(x.dtype)
-            resid.append(jnp.mean((x_start + (1 - sig_k) * v_b - target) ** 2))
-            x_start = (1 - sig_k) * (x_start - sig_k * v_b) + sig_k * target
-        out["consistency"] = jnp.stack(resid)  # before each iteration
-        nfe += cfg.reproject_iters
-    elif method == "sdedit":
-        if final_a is None:
-            final_a = integrate(field, x, sig, cond_a, start=k).x
-            nfe += n - k
-        fresh = jax.random.normal(key, x.shape, x.dtype)
-        x_start = (1 - sig_k) * final_a + sig_k * fresh
-    elif method in ("shooting", "multiple-shooting", "shooting-mpc"):
-        opts = cfg.shooting
-        H = resolve_horizon(opts.horizon, k, n)
-        prob = _Problem(field, sig, cond_a, cond_b, alpha, target, cfg.blend_mode, binary)
-        run = _multiple if method == "multiple-shooting" else _single
-        res = run(prob, x, init, k, H, opts)
-        out["shooting"] = res
-        nfe += res.nfe
-    out["x_start"] = x_start
-    return out, jnp.asarray(nfe, jnp.int32)
+def _execute_impl(controller: AbstractController, p: SwitchProblem, sched: Schedule, plan, throw):
+    n, k = p.num_steps, p.k
+    width = controller.window(n - k)
+    if not (isinstance(width, int) and 0 <= width <= n - k):
+        raise ValueError(f"{type(controller).__name__}.window returned {width!r}; need 0..{n - k}")
+    sig = p.sigmas
+    need_b = controller.uses_b_velocity()
+    x, cost = plan.x_start, plan.cost
+    infos: dict = {}
+    codes = jnp.zeros((0,), jnp.int32)
+    if width:
 
-
-# ----------------------------------------------------------------------------- execution stage
-@eqx.filter_jit
-def _execute(method, cfg, field, plan, x, sigmas, cond_a, cond_b, k):
-    n = sigmas.shape[0] - 1
-    sig = sigmas.astype(x.dtype)
-    alpha = plan["alpha"]
-    binary = _command(method, cfg) == "direct"
-    bf = BlendedField(field, cfg.blend_mode, binary)
-    sched = BlendSchedule(cond_a, cond_b, alpha)
-    diag: dict[str, Any] = {}
-    fallback = jnp.bool_(False)
-    if method in ("direct", "reproject", "sdedit"):
-        xf = integrate(field, plan["x_start"], sig, cond_b, start=k).x
-        nfe = jnp.int32(n - k)
-    elif method in ("blend", "adaptive"):
-        xf = integrate(bf, x, sig, sched, start=k).x
-        nfe = blend_nfe(alpha, k, n, cfg.blend_mode)
-    elif method in ("shooting", "multiple-shooting"):
-        res = plan["shooting"]
-        fault, peak = _plan_fault(res, cfg.shooting.max_control)
-        bad = fault > 0
-        u = jnp.zeros((n - k, *x.shape), x.dtype).at[: res.horizon].set(res.controls)
-        u = jnp.where(bad, 0.0, u)
-        xf = integrate(bf, x, sig, sched, control=u, start=k).x
-        nfe = blend_nfe(alpha, k, n, cfg.blend_mode)
-        fallback = bad
-        diag.update(shooting_fault=fault, shooting_peak_control=peak)
-    elif method == "mpc":
-        empty = MPCPlan.empty(x, n)
-        ctx = _Ctx(field, sig, cond_a, cond_b, alpha, plan["target"], empty, cfg.blend_mode, binary)
-        res = _mpc_run(ctx, x, k, cfg.mpc)
-        xf, nfe = res.x, res.nfe
-        fallback = res.fallback_steps > 0
-        diag.update(
-            fallback_steps=res.fallback_steps,
-            fault_codes=res.fault_codes,
-            qp_iterations=res.qp_iterations,
-            consistency=res.consistency,
-            control_rms=jnp.sqrt(jnp.mean(res.controls**2, axis=tuple(range(1, x.ndim + 1)))),
-        )
-    elif method == "shooting-mpc":
-        xf, nfe, d = _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary)
-        fallback = (
-            (d["fallback_steps"] > 0) | (d["shooting_fault"] > 0) | (d["rejected_replans"] > 0)
-        )
-        diag.update(d)
-    else:  # pragma: no cover - guarded by switch()
-        raise ValueError(method)
-    return xf, nfe, fallback, diag
-
-
-#: Why a shooting plan was discarded (``diagnostics["shooting_fault"]``); 2 and 3 are the
-#: optimiser's own statuses (:data:`rfmpc.control.shooting.SHOOTING_STATUS`).
-PLAN_FAULTS = {
-    0: "ok",
-    2: "the shooting objective or its gradient became non-finite",
-    3: "the shooting objective diverged (rose above divergence_ratio times its initial value)",
-    4: "the planned controls exceeded max_control",
-    5: "the planned controls were non-finite",
-}
-
-
-def _plan_fault(res, max_control: float):
-    """``(fault code, peak |u|)`` of a shooting plan: nonzero = discard it (:data:`PLAN_FAULTS`)."""
-    u = res.controls
-    peak = jnp.max(jnp.abs(u))
-    fault = jnp.where(
-        res.status >= 2,
-        res.status,
-        jnp.where(~jnp.all(jnp.isfinite(u)), 5, jnp.where(peak > max_control, 4, 0)),
-    )
-    return fault.astype(jnp.int32), peak
-
-
-def _shooting_mpc(cfg, field, plan, x, sig, cond_a, cond_b, k, binary):
-    """MPC tracking the shooting plan, with error-triggered re-plans (one ``lax.scan``).
-
-    MPC runs on the steps a plan covers and on the first ``mpc.control_steps`` steps after the
-    switch; elsewhere the command plus the plan's feed-forward (zero outside a plan) is applied.
-    """
-    n = sig.shape[0] - 1
-    opts, sopts = cfg.mpc, cfg.shooting
-    alpha, target = plan["alpha"], plan["target"]
-    res0 = plan["shooting"]
-    fault0, _ = _plan_fault(res0, sopts.max_control)
-    mplan = MPCPlan.from_shooting(x, n, k, res0.controls, res0.path)
-    # a discarded plan: track nothing (MPC on its window, the command elsewhere)
-    mplan = jax.tree.map(lambda e, p: jnp.where(fault0 > 0, e, p), MPCPlan.empty(x, n), mplan)
-    h_r = min(res0.horizon, n - k)  # re-plan horizon (static): re-plans only where it fits
-    probes = num_probes(x.shape, opts.stride)
-    window = n - k if opts.control_steps is None else opts.control_steps
-    bf = BlendedField(field, cfg.blend_mode, binary)
-
-    def consistency(z, j):
-        v_b = field(z, sig[j], cond_b).astype(z.dtype)
-        return jnp.mean((z + (1 - sig[j]) * v_b - target) ** 2)
-
-    def error(z, j, p: MPCPlan):
-        if cfg.replan_on == "consistency":
-            return consistency(z, j)
-        # tracking: how far the executed state is from the plan (0 where no plan covers j)
-        return jnp.where(p.mask[j], jnp.mean((z - p.x[j]) ** 2), 0.0)
-
-    def replan(z, j, p: MPCPlan):
-        sig_w = jax.lax.dynamic_slice(sig, (j,), (h_r + 1,))
-        alpha_w = jax.lax.dynamic_slice(alpha, (j,), (h_r,))
-        init = jax.lax.dynamic_slice_in_dim(p.u, j, h_r)
-        prob = _Problem(field, sig_w, cond_a, cond_b, alpha_w, target, cfg.blend_mode, binary)
-        r = _single(prob, z, init, 0, h_r, dataclasses.replace(sopts, horizon=h_r))
-        idx = jnp.arange(n + 1)
-        keep = idx <= j
-        u = jnp.where(keep[:n].reshape((n,) + (1,) * x.ndim), p.u, 0.0)
-        u = jax.lax.dynamic_update_slice_in_dim(u, r.controls, j, 0)
-        xs = jax.lax.dynamic_update_slice_in_dim(p.x, r.path[1:], j + 1, 0)
-        mask = keep | ((idx > j) & (idx <= j + h_r))
-        new = MPCPlan(u=u, x=xs, mask=mask)
-        bad = _plan_fault(r, sopts.max_control)[0] > 0  # keep the old plan, count the rejection
-        return jax.tree.map(lambda o, q: jnp.where(bad, o, q), p, new), r.nfe, bad
-
-    err0 = consistency(x, k) if cfg.replan_on == "consistency" else jnp.zeros((), x.dtype)
-
-    def body(c, j):
-        z, u_prev, prev, p, e0, replans, extra, rejected = c
-        check = ((j - k) % cfg.replan_every == 0) & (j > k) & (j + h_r <= n)
-        check = check & (replans < cfg.max_replans)
-        err = jax.lax.cond(check, lambda: error(z, j, p), lambda: jnp.zeros((), z.dtype))
-        if cfg.replan_on == "consistency":
-            do = check & (err > cfg.replan_ratio * e0)
-            extra = extra + check.astype(jnp.int32)
-        else:
-            do = check & (err > cfg.replan_tol)
-        p, r_nfe, bad = jax.lax.cond(
-            do, lambda: replan(z, j, p), lambda: (p, jnp.int32(0), jnp.bool_(False))
-        )
-        rejected = rejected + bad.astype(jnp.int32)
-        e0 = jnp.where(do, err, e0)
-        extra = extra + r_nfe
-        ctx = _Ctx(field, sig, cond_a, cond_b, alpha, target, p, cfg.blend_mode, binary)
-
-        def mpc_branch():
-            warm = shift_warm_start(prev) if opts.warm_start else None
-            z1, u0, info, sol = _mpc_step(ctx, opts, j, z, u_prev, warm)
-            good = jnp.all(jnp.isfinite(sol.u)) & jnp.all(jnp.isfinite(sol.y))
-            sol = jax.tree.map(lambda a, b: jnp.where(good, a, b), sol, prev)
-            return z1, u0, info, sol, _step_nfe(ctx, j, probes)
-
-        def plain_branch():  # outside the control window and the plan: command + feed-forward
-            v = bf(z, sig[j], (cond_a, cond_b, alpha[j]))
-            z1 = z + (sig[j + 1] - sig[j]) * (v + p.u[j])
-            info = (jnp.full((), jnp.nan, z.dtype), jnp.int32(0), jnp.bool_(True), jnp.int32(0))
-            one = jnp.where((alpha[j] > 0) & (alpha[j] < 1) & (cfg.blend_mode == "velocity"), 2, 1)
-            return z1, jnp.zeros_like(z), info, prev, one.astype(jnp.int32)
-
-        active = (j < k + window) | p.mask[j + 1]
-        z1, u0, info, sol, step_nfe = jax.lax.cond(active, mpc_branch, plain_branch)
-        carry = (z1, u0, sol, p, e0, replans + do.astype(jnp.int32), extra, rejected)
-        return carry, (info, step_nfe, do)
-
-    first = 1 if cfg.replan_on == "consistency" else 0  # err0's model call
-    init = (
-        x,
-        jnp.zeros_like(x),
-        _zero_qp(x, opts.horizon),
-        mplan,
-        err0,
-        jnp.int32(0),
-        jnp.int32(first),
-        jnp.int32(0),
-    )
-    (xf, _, _, _, _, replans, extra, rejected), outs = jax.lax.scan(
-        body, init, jnp.arange(k, n, dtype=jnp.int32)
-    )
-    (cons, iters, ok, codes), nfe_steps, did = outs
-    diag = dict(
-        fallback_steps=jnp.sum(~ok).astype(jnp.int32),
-        fault_codes=codes,
-        shooting_fault=fault0,
-        rejected_replans=rejected,
-        qp_iterations=iters,
-        consistency=cons,
-        replans=replans,
-        replan_steps=did,
-    )
-    return xf, jnp.sum(nfe_steps).astype(jnp.int32) + extra, diag
-
-
-# ----------------------------------------------------------------------------- public API
-def _noise_for(state: TrajectoryState, noise):
-    if noise is not None:
-        noise = jnp.asarray(noise, state.x.dtype)
-        if noise.shape != state.x.shape:
-            raise ValueError(
-                f"noise has shape {noise.shape}; it must be the seed noise of A's run, with the "
-                f"state's shape {state.x.shape}"
+        def body(carry, j):
+            x, state = carry
+            v_cmd, v_b, calls = command_velocities(p, sched, x, j, need_b)
+            out = controller.step(p, sched, state, j, x, v_cmd, v_b)
+            ok = out.result == RESULTS.successful
+            finite_u = _all_finite(out.u)
+            res = RESULTS.where(ok & ~finite_u, RESULTS.control_nonfinite, out.result)
+            use = ok & finite_u
+            h = sig[j + 1] - sig[j]
+            x_cmd = x + h * v_cmd
+            x_new = jnp.where(use, x + h * (v_cmd + jnp.where(use, out.u, 0.0)), x_cmd)
+            fin = _all_finite(x_new)
+            res = RESULTS.where(use & ~fin, RESULTS.step_nonfinite, res)
+            x_new = jnp.where(fin, x_new, x_cmd)
+            return (x_new, out.state), (
+                outcome_code(res),
+                Cost(forwards=calls) + out.cost,
+                out.info,
             )
-        return noise
-    if state.key is None:
-        raise ValueError(
-            "state_a has no PRNG key, so its seed noise cannot be regenerated: pass noise= "
-            "(the N(0, I) draw A's run started from)"
+
+        steps = jnp.arange(k, k + width, dtype=jnp.int32)
+        (x, _), (codes, costs, infos) = jax.lax.scan(body, (x, plan.state), steps)
+        cost = cost + jax.tree.map(lambda a: jnp.sum(a, axis=0), costs)
+    x, tail_calls = _tail(p, sched, x, k + width)
+    cost = cost + Cost(forwards=tail_calls)
+    # overall outcome: the plan's, else the first failed step's
+    plan_code = outcome_code(plan.result)
+    if width:
+        first = jnp.argmax(codes != 0)
+        step_code = jnp.where(jnp.any(codes != 0), codes[first], 0)
+    else:
+        step_code = jnp.int32(0)
+    code = jnp.where(plan_code != 0, plan_code, step_code)
+    result = outcome_from_code(code)
+    if throw:
+        x = result.error_if(x, result != RESULTS.successful)
+    return x, cost, result, {"step_results": codes, **infos}
+
+
+@eqx.filter_jit
+def _plan(controller, field, sigmas, k: int, args, batched: bool):
+    def one(a):
+        return _plan_impl(controller, SwitchProblem(field, *a[:1], sigmas, *a[1:], k=k))
+
+    return jax.vmap(one)(args) if batched else one(args)
+
+
+@eqx.filter_jit
+def _execute(controller, field, sigmas, k: int, args, sched, plan, throw: bool, batched: bool):
+    def one(a, s, pl):
+        p = SwitchProblem(field, *a[:1], sigmas, *a[1:], k=k)
+        return _execute_impl(controller, p, s, pl, throw)
+
+    return jax.vmap(one)(args, sched, plan) if batched else one(args, sched, plan)
+
+
+class _CommandOnly(AbstractCommand):
+    """The controller's command with no control: the safe rollout of the last-resort fallback."""
+
+    inner: AbstractController
+
+    def schedule(self, p: SwitchProblem) -> Schedule:
+        return self.inner.schedule(p)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_controller(controller) -> None:
+    if not isinstance(controller, AbstractController):
+        raise TypeError(
+            f"controller must be a controller object such as rfmpc.control.Direct() or MPC(), "
+            f"got {type(controller).__name__} {controller!r}; the CLI names map to classes in "
+            "rfmpc.cli.CONTROLLERS"
         )
-    return jax.random.normal(state.key, state.x.shape, state.x.dtype)
 
 
-def _check_method(method: str):
-    if method not in METHODS:
+def _check_similarity(similarity):
+    if similarity is None or isinstance(similarity, jax.core.Tracer):
+        return similarity
+    s = np.asarray(similarity, np.float64)
+    # cosines computed in floating point may exceed 1 by an ulp (same prompt twice)
+    if not (np.all(np.isfinite(s)) and np.all(np.abs(s) <= 1.0 + 1e-6)):
         raise ValueError(
-            f"unknown switch method {method!r}; valid methods are: {', '.join(METHODS)}"
+            f"similarity must be a cosine similarity in [-1, 1], got {similarity!r}; omit it to "
+            "let the controller measure the velocity cosine at the cached state"
         )
+    return jnp.asarray(np.clip(s, -1.0, 1.0), jnp.float32)
 
 
-def _config(config: SwitchConfig | None, options: dict) -> SwitchConfig:
-    cfg = SwitchConfig() if config is None else config
-    if not isinstance(cfg, SwitchConfig):
-        raise TypeError(f"config must be a SwitchConfig, got {type(cfg).__name__}")
-    valid = {f.name for f in dataclasses.fields(SwitchConfig)}
-    unknown = set(options) - valid
-    if unknown:
-        raise TypeError(f"unknown switch option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    return dataclasses.replace(cfg, **options) if options else cfg
+def _tree_shapes(tree) -> str:
+    return str(jax.tree.map(lambda a: tuple(jnp.shape(a)), tree))
 
 
-def _validate_inputs(field, state_a: TrajectoryState, k: int, cond_b, final_a, similarity):
-    """Entry-point checks of :func:`switch` (static shapes and concrete values only)."""
-    x = state_a.x
+def _validate(field, x, sigmas, k: int, cond_a, cond_b, cached: SwitchCache) -> None:
+    """Entry-point checks (static shapes and concrete values only); ``x`` is one state."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"state_a.x must be a floating-point latent, got dtype {x.dtype}")
     if not isinstance(x, jax.core.Tracer) and not np.isfinite(np.asarray(x)).all():
@@ -532,30 +290,35 @@ def _validate_inputs(field, state_a: TrajectoryState, k: int, cond_b, final_a, s
             "state_a.x contains NaN or inf: the cached state is damaged; regenerate prompt A's "
             "trajectory (or drop the entry with `rfmpc cache verify --repair`)"
         )
-    if similarity is not None and not isinstance(similarity, jax.core.Tracer):
-        s = np.asarray(similarity, np.float64)
-        if not (np.all(np.isfinite(s)) and np.all(np.abs(s) <= 1.0)):
+    for name in ("velocity", "final", "noise"):
+        v = getattr(cached, name)
+        if v is not None and tuple(jnp.shape(v)) != tuple(x.shape):
+            what = {
+                "velocity": "v_A at the cached state",
+                "final": "A's final latent",
+                "noise": "A's seed noise",
+            }[name]
             raise ValueError(
-                f"similarity must be a cosine similarity in [-1, 1], got {similarity!r}; omit it "
-                "to measure the velocity cosine at the cached state"
+                f"cached.{name} has shape {tuple(jnp.shape(v))}; it must be {what}, with the "
+                f"state's shape {tuple(x.shape)}"
             )
-    if final_a is not None and tuple(jnp.shape(final_a)) != tuple(x.shape):
-        raise ValueError(
-            f"final_a has shape {tuple(jnp.shape(final_a))}; it must be A's final latent, with "
-            f"the state's shape {tuple(x.shape)}"
-        )
-    if state_a.cond is not None:
-        ta, tb = jax.tree.structure(state_a.cond), jax.tree.structure(cond_b)
-        la, lb = jax.tree.leaves(state_a.cond), jax.tree.leaves(cond_b)
+        if v is not None and not isinstance(v, jax.core.Tracer):
+            if not np.isfinite(np.asarray(v)).all():
+                raise ValueError(
+                    f"cached.{name} contains NaN or inf: the cache entry is damaged; regenerate "
+                    "prompt A (or drop the entry with `rfmpc cache verify --repair`)"
+                )
+    if cond_a is not None:
+        ta, tb = jax.tree.structure(cond_a), jax.tree.structure(cond_b)
+        la, lb = jax.tree.leaves(cond_a), jax.tree.leaves(cond_b)
         if ta != tb or any(jnp.shape(a) != jnp.shape(b) for a, b in zip(la, lb)):
             raise ValueError(
                 f"cond_b {_tree_shapes(cond_b)} does not match state_a.cond "
-                f"{_tree_shapes(state_a.cond)}: encode prompt B with the model (and batch size) "
-                "that produced A's state, e.g. pipe.encode_prompt(prompt_b)"
+                f"{_tree_shapes(cond_a)}: encode prompt B with the model (and batch size) that "
+                "produced A's state, e.g. pipe.encode_prompt(prompt_b)"
             )
-    sig_k = state_a.sigmas[k]
     try:
-        out = jax.eval_shape(lambda x_, s_, c_: field(x_, s_, c_), x, sig_k, cond_b)
+        out = jax.eval_shape(lambda x_, s_, c_: field(x_, s_, c_), x, sigmas[k], cond_b)
     except Exception as e:
         raise ValueError(
             f"the velocity field cannot take state_a.x of shape {tuple(x.shape)} "
@@ -570,21 +333,6 @@ def _validate_inputs(field, state_a: TrajectoryState, k: int, cond_b, final_a, s
         )
 
 
-def _tree_shapes(tree) -> str:
-    return str(jax.tree.map(lambda a: tuple(jnp.shape(a)), tree))
-
-
-def _check_batch(name: str, tree, b: int) -> None:
-    """Every leaf of a stacked argument of :func:`switch_batch` has leading axis ``b``."""
-    for leaf in jax.tree.leaves(tree):
-        shape = tuple(jnp.shape(leaf))
-        if not shape or shape[0] != b:
-            raise ValueError(
-                f"{name} must be stacked with a leading axis of {b} (one per state in states_a), "
-                f"got a leaf of shape {shape}; stack per-pair values with jnp.stack"
-            )
-
-
 def _step_of(state: TrajectoryState) -> int:
     try:
         return int(np.asarray(state.step).reshape(-1)[0])
@@ -592,73 +340,54 @@ def _step_of(state: TrajectoryState) -> int:
         raise ValueError("state.step is traced; call switch outside jit") from e
 
 
-def _fallback_counts(diag: dict) -> dict[str, int]:
-    """Per-reason counts of MPC steps that applied the command (:data:`MPC_FAULTS`)."""
-    codes = np.asarray(diag["fault_codes"]).reshape(-1)
-    return {name: int(np.sum(codes == c)) for c, name in MPC_FAULTS.items() if c != 0}
+def _check_cache(cached) -> SwitchCache:
+    if cached is None:
+        return SwitchCache()
+    if not isinstance(cached, SwitchCache):
+        raise TypeError(
+            f"cached must be a rfmpc.control.SwitchCache, got {type(cached).__name__}; build "
+            "it with SwitchCache(velocity=v_A, final=x_final_A, noise=eps)"
+        )
+    return cached
 
 
-def _reasons(method: str, cfg: SwitchConfig, diag: dict) -> str | None:
-    """The fallbacks of one switch, in words (None when there were none)."""
-    out = []
-    fault = int(diag.get("shooting_fault", 0))
-    if fault:
-        out.append(
-            f"{PLAN_FAULTS[fault]} (shooting status {diag.get('shooting_status')}, peak |u| "
-            f"{float(diag.get('shooting_peak_control', np.nan)):.3g}, max_control "
-            f"{cfg.shooting.max_control}); the plan was discarded and the {cfg.command} command "
-            "(u = 0) ran instead"
-        )
-    if int(diag.get("rejected_replans", 0)):
-        out.append(
-            f"{int(diag['rejected_replans'])} re-plan(s) failed (non-finite, diverged or "
-            "controls above max_control) and were discarded; the previous plan was kept"
-        )
-    if method in ("mpc", "shooting-mpc") and int(diag["fallback_steps"]):
-        counts = diag["fallback_counts"]
-        total = len(diag["qp_iterations"])
-        what = {
-            "qp-not-converged": f"the MPC QP did not converge (qp maxiter={cfg.mpc.qp.maxiter}, "
-            f"tol={cfg.mpc.qp.tol})",
-            "non-finite": "the MPC QP or linearisation was non-finite",
-            "bound-violation": f"the MPC control left the box |u| <= u_max={cfg.mpc.u_max}",
-        }
-        parts = [f"{what[name]} on {c} of {total} steps" for name, c in counts.items() if c]
-        out.append(
-            "; ".join(parts) + f"; the {cfg.command} command (u = 0) was applied on those steps"
-        )
-    if diag.get("nonfinite_rollout"):
-        out.append(
-            f"the {method} rollout ended non-finite; the plain {diag['nonfinite_rollout']} "
-            "command was re-run from the cached state and its result returned"
-        )
-    return "; ".join(out) if out else None
-
-
-def _safe_method(method: str, cfg: SwitchConfig) -> str | None:
-    """The uncontrolled method a non-finite result falls back to (None: it is already that)."""
-    if method in ("direct", "blend", "adaptive"):
+# ----------------------------------------------------------------------------- reporting
+def _reason(code: int, step_codes: np.ndarray) -> str | None:
+    """The fallbacks of one switch in words (None when there were none)."""
+    if code == 0:
         return None
-    if method in ("reproject", "sdedit"):
-        return "direct"
-    return _command(method, cfg)
+    parts = []
+    step_set = {int(c) for c in step_codes if c}
+    if code not in step_set:  # a plan-level outcome
+        parts.append(RESULTS[outcome(code)])
+    total = len(step_codes)
+    for c in sorted(step_set):
+        count = int(np.sum(step_codes == c))
+        parts.append(f"{RESULTS[outcome(c)]} ({OUTCOMES[c]} on {count} of {total} steps)")
+    return "; ".join(parts)
 
 
-def _first_nonfinite_step(field, cfg, cmd, alpha, x, sigmas, cond_a, cond_b, k) -> int | None:
-    """The first grid step whose end state is non-finite under the plain command ``cmd`` from
-    ``x`` (``k - 1``: ``x`` itself; None: the path is finite)."""
-    sig = sigmas.astype(x.dtype)
-    bf = BlendedField(field, cfg.blend_mode, cmd == "direct")
-    _, xs = integrate_path(bf, x, sig, BlendSchedule(cond_a, cond_b, alpha), start=k)
+def _counts(step_codes: np.ndarray) -> dict[str, int]:
+    return {name: int(np.sum(step_codes == c)) for c, name in enumerate(OUTCOMES) if c != 0}
+
+
+def _first_nonfinite_step(field, sched, x, sigmas, cond_a, cond_b, k) -> int | None:
+    """The first grid step whose end state is non-finite under the plain command from ``x``
+    (``k - 1``: ``x`` itself; None: the path is finite). ``x`` is one (unbatched) state."""
+    if sched.direct:
+        _, xs = integrate_path(field, x, sigmas, cond_b, start=k)
+    else:
+        bf = BlendedField(field, sched.mode, False)
+        _, xs = integrate_path(bf, x, sigmas, BlendSchedule(cond_a, cond_b, sched.alpha), start=k)
     bad = ~np.isfinite(np.asarray(xs)).reshape(xs.shape[0], -1).all(axis=1)
     return k + int(np.argmax(bad)) - 1 if bad.any() else None
 
 
-def _raise_nonfinite(method, cmd, field, cfg, plan, x, sigmas, cond_a, cond_b, k):
-    j = _first_nonfinite_step(field, cfg, cmd, plan["alpha"], x, sigmas, cond_a, cond_b, k)
+def _raise_nonfinite(controller, field, sched, x, sigmas, cond_a, cond_b, k):
+    j = _first_nonfinite_step(field, sched, x, sigmas, cond_a, cond_b, k)
     sig = np.asarray(sigmas)
     if j is None:
-        where = f"the {method!r} result was non-finite"
+        where = "the result was non-finite"
     elif j < k:
         where = "the cached state x is non-finite"
     else:
@@ -667,120 +396,143 @@ def _raise_nonfinite(method, cmd, field, cfg, plan, x, sigmas, cond_a, cond_b, k
             "produced non-finite values"
         )
     raise FloatingPointError(
-        f"switch(method={method!r}): {where} under the plain {cmd!r} command, so there is no "
+        f"switch({type(controller).__name__}): {where} under the plain command, so there is no "
         "safe result to fall back to; the velocity field returns NaN/inf for this state or "
         "conditioning (check cond_b and the model at that noise level)"
     )
+
+
+def _to_numpy(tree) -> dict:
+    return jax.tree.map(np.asarray, tree)
+
+
+# ----------------------------------------------------------------------------- public API
+def _run(controller, field, sigmas, k, args, throw, batched):
+    t0 = time.perf_counter()
+    sched, plan = _plan(controller, field, sigmas, k, args, batched)
+    jax.block_until_ready((sched, plan))
+    t1 = time.perf_counter()
+    xf, cost, result, diag = _execute(
+        controller, field, sigmas, k, args, sched, plan, throw, batched
+    )
+    jax.block_until_ready(xf)
+    # last-resort safety net (outside the graph): re-run the plain command where non-finite
+    xs = np.asarray(xf)
+    rows = xs.reshape((xs.shape[0], -1)) if batched else xs.reshape((1, -1))
+    bad = ~np.isfinite(rows).all(axis=1)
+    if bad.any():
+        safe_plan = PlanOut(args[0], None, Cost(), RESULTS.successful, {})
+        if batched:
+            safe_plan = PlanOut(
+                args[0],
+                None,
+                jax.tree.map(lambda c: jnp.zeros_like(c), cost),
+                jax.tree.map(lambda r: jnp.zeros_like(r), result),
+                {},
+            )
+        safe = _CommandOnly(controller)
+        x2, c2, _, _ = _execute(safe, field, sigmas, k, args, sched, safe_plan, False, batched)
+        x2 = np.asarray(x2)
+        rows2 = x2.reshape(rows.shape)
+        if not np.isfinite(rows2[bad]).all():
+            i = int(np.argmax(bad & ~np.isfinite(rows2).all(axis=1)))
+            one = jax.tree.map(lambda a: a[i], args) if batched else args
+            s1 = jax.tree.map(lambda a: a[i], sched) if batched else sched
+            _raise_nonfinite(controller, field, s1, one[0], sigmas, one[1], one[2], k)
+        sel = bad.reshape((-1,) + (1,) * (xs.ndim - 1)) if batched else bad[0]
+        xf = jnp.asarray(np.where(sel, x2, xs))
+        cost = cost + Cost(
+            forwards=np.where(bad, np.asarray(c2.forwards), 0)
+            if batched
+            else np.asarray(c2.forwards) * int(bad[0])
+        )
+        fell = int(outcome_code(RESULTS.rollout_nonfinite))
+        code = np.where(bad, fell, np.asarray(outcome_code(result)).reshape(-1))
+        result = outcome_from_code(code if batched else code[0])
+    t2 = time.perf_counter()
+    return xf, cost, result, sched, _to_numpy(plan.diagnostics), _to_numpy(diag), t1 - t0, t2 - t0
+
+
+def _args(x, cond_a, cond_b, noise, cached: SwitchCache, key, similarity):
+    return (x, cond_a, cond_b, noise, cached.velocity, cached.final, key, similarity)
 
 
 def switch(
     field: Callable[[Array, Array, Any], Array],
     state_a: TrajectoryState,
     cond_b: Any,
+    controller: AbstractController | None = None,
     *,
-    method: str,
     similarity: float | None = None,
-    noise: Float[Array, "..."] | None = None,
-    key: Any = None,
-    final_a: Float[Array, "..."] | None = None,
-    init: Float[Array, "h ..."] | None = None,
-    config: SwitchConfig | None = None,
-    **options,
+    cached: SwitchCache | None = None,
+    throw: bool = False,
 ) -> SwitchResult:
-    """Finish prompt B from prompt A's cached state with the chosen method.
+    """Finish prompt B from prompt A's cached state with ``controller``.
 
     Args:
         field: velocity field ``v(x, sigma, cond)``.
         state_a: A's :class:`TrajectoryState` at the switch step ``k`` (its ``cond`` is A's).
-        cond_b: B's conditioning.
-        method: one of :data:`METHODS`.
-        similarity: prompt similarity for the adaptive schedule (default: velocity cosine).
-        noise: A's seed noise (default: regenerated from ``state_a.key``; error without a key).
-        key: fresh-noise key for ``sdedit`` (default: ``fold_in(state_a.key, 1)``).
-        final_a: A's final latent for ``sdedit`` if cached (saves ``N - k`` calls).
-        init: warm-start controls for the shooting plan (``(H, *x.shape)``).
-        config: a :class:`SwitchConfig`; ``**options`` override its fields.
+        cond_b: B's conditioning (same structure and shapes as A's).
+        controller: a controller object (default ``MPC()``): ``Direct``, ``Blend``,
+            ``Adaptive``, ``Reproject``, ``SDEdit``, ``Shooting``, ``MultipleShooting``,
+            ``MPC``, ``ShootingMPC``.
+        similarity: the pooled text similarity of A and B (what a cache lookup measured), for
+            controllers that use one (``Adaptive``); otherwise they measure the velocity cosine.
+        cached: a :class:`SwitchCache` with what the cache stored beside the state.
+        throw: raise (an equinox run-time error naming the outcome) instead of falling back.
 
     Returns:
         :class:`SwitchResult`.
     """
-    _check_method(method)
-    cfg = _config(config, options)
+    if controller is None:
+        from rfmpc.control.mpc import MPC
+
+        controller = MPC()
+    _check_controller(controller)
+    cached = _check_cache(cached)
     if not isinstance(state_a, TrajectoryState):
         raise TypeError(f"state_a must be a TrajectoryState, got {type(state_a).__name__}")
     k = _step_of(state_a)
     n = state_a.num_steps
     if k >= n:
-        raise ValueError(f"state_a is at step {k} of {n}: the trajectory is already finished")
-    if state_a.cond is None and method != "direct":
         raise ValueError(
-            f"state_a.cond is None, but method {method!r} needs prompt A's conditioning: store "
-            "it in the cached state (TrajectoryState(..., cond=cond_a))"
+            f"state_a is at step {k} of {n}: the trajectory is already finished; decode "
+            "state_a.x directly (there is nothing to switch)"
         )
-    _validate_inputs(field, state_a, k, cond_b, final_a, similarity)
-    eps = _noise_for(state_a, noise)
-    if method == "sdedit" and key is None:
-        if state_a.key is None:
-            raise ValueError("sdedit needs key= (fresh noise) when state_a has no key")
-        key = jax.random.fold_in(state_a.key, 1)
+    if state_a.cond is None and not isinstance(controller, _DIRECT_ONLY):
+        raise ValueError(
+            f"state_a.cond is None, but {type(controller).__name__} needs prompt A's "
+            "conditioning: store it in the cached state (TrajectoryState(..., cond=cond_a))"
+        )
     x = state_a.x
-    sim = None if similarity is None else jnp.asarray(similarity, jnp.float32)
-    args = (field, x, eps, state_a.sigmas, state_a.cond, cond_b, k, key, sim, final_a, init)
-    t0 = time.perf_counter()
-    plan, nfe_plan = _plan(method, cfg, *args)
-    jax.block_until_ready((plan, nfe_plan))
-    t1 = time.perf_counter()
-    xf, nfe_exec, fallback, diag = _execute(
-        method, cfg, field, plan, x, state_a.sigmas, state_a.cond, cond_b, k
+    sigmas = jnp.asarray(state_a.sigmas).astype(x.dtype)
+    _validate(field, x, sigmas, k, state_a.cond, cond_b, cached)
+    noise = _noise_for(state_a, cached.noise)
+    cond_a = state_a.cond if state_a.cond is not None else cond_b
+    sim = _check_similarity(similarity)
+    args = _args(x, cond_a, cond_b, noise, cached, state_a.key, sim)
+    xf, cost, result, sched, plan_diag, diag, t_plan, t_all = _run(
+        controller, field, sigmas, k, args, throw, False
     )
-    jax.block_until_ready(xf)
-    diag = dict(diag)
-    if not bool(jnp.all(jnp.isfinite(xf))):
-        safe = _safe_method(method, cfg)
-        cmd = safe or _command(method, cfg)
-        if safe is not None:
-            safe_plan = dict(plan, x_start=x)  # from the cached state, not a planned start
-            xf, nfe_safe, _, _ = _execute(
-                safe, cfg, field, safe_plan, x, state_a.sigmas, state_a.cond, cond_b, k
-            )
-            nfe_exec = nfe_exec + nfe_safe
-            diag["nonfinite_rollout"] = safe
-        if safe is None or not bool(jnp.all(jnp.isfinite(xf))):
-            _raise_nonfinite(
-                method, cmd, field, cfg, plan, x, state_a.sigmas, state_a.cond, cond_b, k
-            )
-        fallback = True
-    t2 = time.perf_counter()
-    status = None
-    if "shooting" in plan:
-        r = plan["shooting"]
-        status = int(r.status)
-        diag.update(
-            shooting_objective=r.objective,
-            shooting_final_objective=float(r.final_objective),
-            shooting_iterations=int(r.iterations),
-            shooting_status=SHOOTING_STATUS[status],
-            shooting_defect=float(r.defect),
-            shooting_nfe=int(r.nfe),
-        )
-    for name in ("similarity", "consistency"):
-        if name in plan:
-            diag[name] = plan[name]
-    diag["noise_target"] = cfg.noise_target
-    diag["planning_nfe"] = int(nfe_plan)
-    if "fault_codes" in diag:
-        diag["fallback_counts"] = _fallback_counts(diag)
+    steps = np.asarray(diag.pop("step_results"))
+    code = int(np.asarray(outcome_code(result)))
+    diag.update(plan_diag)
+    diag["step_results"] = [OUTCOMES[int(c)] for c in steps]
+    diag["fallback_counts"] = _counts(steps)
+    if sched.similarity is not None:
+        diag["similarity"] = float(np.asarray(sched.similarity))
     final = TrajectoryState(
         x=xf, step=n, sigmas=state_a.sigmas, key=state_a.key, cond=cond_b, meta=state_a.meta
     )
     return SwitchResult(
         state=final,
-        method=method,
-        nfe=int(nfe_plan) + int(nfe_exec),
-        planning_s=t1 - t0,
-        wall_s=t2 - t0,
-        fallback=bool(fallback),
-        fallback_reason=_reasons(method, cfg, diag) if bool(fallback) else None,
+        controller=controller,
+        cost=Cost(**{k_: int(v) for k_, v in cost.to_dict().items()}),
+        result=outcome(code),
+        fallback=code != 0,
+        fallback_reason=_reason(code, steps),
+        planning_s=t_plan,
+        wall_s=t_all,
         diagnostics=diag,
     )
 
@@ -801,33 +553,43 @@ def stack_states(states: list[TrajectoryState]) -> TrajectoryState:
     return jax.tree.map(lambda *a: jnp.stack(a), *states)
 
 
+def _check_batch(name: str, tree, b: int) -> None:
+    """Every leaf of a stacked argument of :func:`switch_batch` has leading axis ``b``."""
+    for leaf in jax.tree.leaves(tree):
+        shape = tuple(jnp.shape(leaf))
+        if not shape or shape[0] != b:
+            raise ValueError(
+                f"{name} must be stacked with a leading axis of {b} (one per state in states_a), "
+                f"got a leaf of shape {shape}; stack per-pair values with jnp.stack"
+            )
+
+
 def switch_batch(
     field: Callable[[Array, Array, Any], Array],
     states_a: TrajectoryState,
     conds_b: Any,
+    controller: AbstractController | None = None,
     *,
-    method: str,
     similarity: Array | None = None,
-    noise: Array | None = None,
-    key: Any = None,
-    final_a: Array | None = None,
-    config: SwitchConfig | None = None,
+    cached: SwitchCache | None = None,
+    throw: bool = False,
     mesh: Any = None,
-    **options,
 ) -> BatchSwitchResult:
-    """:func:`switch` over ``B`` prompt pairs at once with ``jax.vmap``.
+    """:func:`switch` over ``B`` prompt pairs at once (one ``jax.vmap`` of the same stages).
 
     ``states_a`` is a stacked :class:`TrajectoryState` (:func:`stack_states`): every leaf has a
     leading axis ``B``; all pairs must share the switch step and the grid. ``conds_b``,
-    ``similarity``, ``noise``, ``key`` (a batch of keys) and ``final_a`` are stacked likewise.
-    Returns per-pair final latents, NFE and fallback flags.
+    ``similarity`` ``(B,)`` and the arrays of ``cached`` are stacked likewise.
 
     ``mesh`` (a :func:`rfmpc.parallel.make_mesh` mesh; default None = one device): the pairs are
-    split over its ``"data"`` axis (``B`` must be a multiple of its size, else ``ValueError``);
-    the field's parameters stay where they are (shard them with ``rfmpc.parallel``).
+    split over its ``"data"`` axis (``B`` must be a multiple of its size, else ``ValueError``).
     """
-    _check_method(method)
-    cfg = _config(config, options)
+    if controller is None:
+        from rfmpc.control.mpc import MPC
+
+        controller = MPC()
+    _check_controller(controller)
+    cached = _check_cache(cached)
     if not isinstance(states_a, TrajectoryState):
         raise TypeError(
             f"states_a must be a stacked TrajectoryState (stack_states), got "
@@ -835,87 +597,111 @@ def switch_batch(
         )
     steps = np.asarray(states_a.step).reshape(-1)
     if steps.size < 1 or not np.all(steps == steps[0]):
-        raise ValueError(f"all states must be at the same step to batch them, got {steps}")
+        raise ValueError(
+            f"all states must be at the same step to batch them, got {steps}; group the pairs "
+            "by resume step and call switch_batch once per group"
+        )
     sig = np.asarray(states_a.sigmas)
     if sig.ndim != 2 or not np.all(sig == sig[:1]):
         raise ValueError("all states must share one sigma grid (stack them with stack_states)")
     k = int(steps[0])
-    sigmas = jnp.asarray(sig[0])
+    x = states_a.x
+    sigmas = jnp.asarray(sig[0]).astype(x.dtype)
     n = sig.shape[1] - 1
     if k >= n:
         raise ValueError(f"the states are at step {k} of {n}: nothing remains to run")
-    x = states_a.x
     b = int(steps.size)
-    for name, arg in (("conds_b", conds_b), ("similarity", similarity), ("noise", noise)):
+    if states_a.cond is None and not isinstance(controller, _DIRECT_ONLY):
+        raise ValueError(
+            f"states_a.cond is None, but {type(controller).__name__} needs prompt A's "
+            "conditioning: store it in the cached states"
+        )
+    for name, arg in (("conds_b", conds_b), ("similarity", similarity)):
         _check_batch(name, arg, b)
-    for name, arg in (("key", key), ("final_a", final_a)):
-        _check_batch(name, arg, b)
+    for name in ("velocity", "final", "noise"):
+        _check_batch(f"cached.{name}", getattr(cached, name), b)
+    one_cond_a = None if states_a.cond is None else jax.tree.map(lambda a: a[0], states_a.cond)
+    _validate(
+        field,
+        x[0],
+        sigmas,
+        k,
+        one_cond_a,
+        jax.tree.map(lambda a: a[0], conds_b),
+        SwitchCache(
+            *(None if v is None else v[0] for v in (cached.velocity, cached.final, cached.noise))
+        ),
+    )
+    if not isinstance(x, jax.core.Tracer) and not np.isfinite(np.asarray(x)).all():
+        raise ValueError("states_a.x contains NaN or inf: a cached state is damaged")
+    noise = cached.noise
     if noise is None:
         if states_a.key is None:
-            raise ValueError("states_a have no keys: pass noise= (the stacked seed noises)")
+            raise ValueError("states_a have no keys: pass cached=SwitchCache(noise=...)")
         noise = jax.vmap(lambda kk, xx: jax.random.normal(kk, xx.shape, xx.dtype))(states_a.key, x)
-    if method == "sdedit" and key is None:
-        if states_a.key is None:
-            raise ValueError("sdedit needs key= (a batch of fresh-noise keys)")
-        key = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(states_a.key)
-    sim = None if similarity is None else jnp.asarray(similarity, jnp.float32)
-    cond_a = states_a.cond
+    sim = None
+    if similarity is not None:
+        sim = _check_similarity(similarity)
+    cond_a = states_a.cond if states_a.cond is not None else conds_b
+    key = states_a.key
+    velocity, final = cached.velocity, cached.final
     if mesh is not None:
         from rfmpc.parallel import shard_batch
 
-        x, noise, cond_a, conds_b, key, sim, final_a = shard_batch(
-            (x, noise, cond_a, conds_b, key, sim, final_a), mesh
+        x, noise, cond_a, conds_b, key, sim, velocity, final = shard_batch(
+            (x, noise, cond_a, conds_b, key, sim, velocity, final), mesh
         )
-
-    def plan_one(x, eps, ca, cb, kk, s, fa):
-        return _plan(method, cfg, field, x, eps, sigmas, ca, cb, k, kk, s, fa, None)
-
-    def exec_one(p, x, ca, cb):
-        return _execute(method, cfg, field, p, x, sigmas, ca, cb, k)
-
-    t0 = time.perf_counter()
-    plan, nfe_plan = eqx.filter_jit(eqx.filter_vmap(plan_one))(
-        x, noise, cond_a, conds_b, key, sim, final_a
+    args = (x, cond_a, conds_b, noise, velocity, final, key, sim)
+    xf, cost, result, _, plan_diag, diag, t_plan, t_all = _run(
+        controller, field, sigmas, k, args, throw, True
     )
-    jax.block_until_ready((plan, nfe_plan))
-    t1 = time.perf_counter()
-    xf, nfe_exec, fallback, diag = eqx.filter_jit(eqx.filter_vmap(exec_one))(
-        plan, x, cond_a, conds_b
-    )
-    jax.block_until_ready(xf)
-    t2 = time.perf_counter()
-    diag = dict(diag)
-    if "shooting" in plan:
-        diag.update(
-            shooting_status=plan["shooting"].status, shooting_defect=plan["shooting"].defect
-        )
+    steps_res = np.asarray(diag.pop("step_results")).reshape(b, -1)
+    codes = np.asarray(outcome_code(result)).reshape(b)
+    diag.update(plan_diag)
+    diag["step_results"] = steps_res
     return BatchSwitchResult(
         x=xf,
-        nfe=nfe_plan + nfe_exec,
-        fallback=fallback,
-        planning_s=t1 - t0,
-        wall_s=t2 - t0,
-        method=method,
+        controller=controller,
+        cost=cost,
+        results=[outcome(int(c)) for c in codes],
+        fallback=codes != 0,
+        fallback_reasons=[_reason(int(c), steps_res[i]) for i, c in enumerate(codes)],
+        planning_s=t_plan,
+        wall_s=t_all,
         diagnostics=diag,
     )
+
+
+def _noise_for(state: TrajectoryState, noise):
+    if noise is not None:
+        return jnp.asarray(noise, state.x.dtype)
+    if state.key is None:
+        raise ValueError(
+            "state_a has no PRNG key, so its seed noise cannot be regenerated: pass "
+            "cached=SwitchCache(noise=...) (the N(0, I) draw A's run started from)"
+        )
+    return jax.random.normal(state.key, state.x.shape, state.x.dtype)
 
 
 def from_scratch_equal_nfe(
     field: Callable[[Array, Array, Any], Array],
     noise: Float[Array, "..."],
     cond_b: Any,
-    num_steps_remaining: int,
+    num_steps: int,
     shift: float = 3.0,
 ) -> TrajectoryState:
-    """The equal-NFE baseline: B from the seed noise with only ``N - k`` steps.
+    """The equal-cost baseline: B from the seed noise on a fresh ``num_steps``-step grid.
 
-    Runs a fresh FlowMatch grid of ``num_steps_remaining`` steps (same ``shift``), i.e. the
-    same number of model calls a direct switch spends, from ``noise`` with ``cond_b``.
+    Give it the controller's forward-equivalent budget (``N - k`` for the direct switch): the
+    quality a cache hit must beat to be worth it.
     """
-    if isinstance(num_steps_remaining, bool) or not isinstance(num_steps_remaining, int):
-        raise TypeError("num_steps_remaining must be a Python int")
-    if num_steps_remaining < 1:
-        raise ValueError(f"num_steps_remaining must be >= 1, got {num_steps_remaining}")
-    sig = flowmatch_sigmas(num_steps_remaining, shift)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+        raise TypeError("num_steps must be a Python int")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sig = flowmatch_sigmas(num_steps, shift)
     noise = jnp.asarray(noise)
     return integrate(field, noise, jnp.asarray(sig, noise.dtype), cond_b)
+
+
+_DIRECT_ONLY = (Direct,)

@@ -6,6 +6,7 @@
   ``parse_prompt``.
 - :mod:`~rfmpc.data.analyze`: ``analyze(image) -> Scene`` and ``attribute_accuracy``.
 - :mod:`~rfmpc.data.dataset`: deterministic ``make_batch``, held-out split, ``heldout_prompts``.
+- :mod:`~rfmpc.data.edits`: one-attribute edits of a scene (``edit_scene``, ``EDIT_KINDS``).
 - :mod:`~rfmpc.data.tokenizer`: the grammar's word-level tokenizer.
 - :mod:`~rfmpc.data.train_text`: training of the text encoder (imported lazily: it needs flax).
 """
@@ -18,6 +19,7 @@ from rfmpc.data.dataset import (
     make_batch,
     sample_split_scene,
 )
+from rfmpc.data.edits import EDIT_KINDS, edit_prompt, edit_scene
 from rfmpc.data.grammar import (
     STYLES,
     VOCABULARY,
@@ -49,6 +51,7 @@ __all__ = [
     "COLOURS",
     "DEFAULT_SHAPES",
     "DEFAULT_SIZE",
+    "EDIT_KINDS",
     "HELDOUT_PERMILLE",
     "MAX_LENGTH",
     "PALETTE",
@@ -67,6 +70,8 @@ __all__ = [
     "background_image",
     "coverage",
     "detect",
+    "edit_prompt",
+    "edit_scene",
     "grid_coverage",
     "heldout_prompts",
     "is_heldout",
