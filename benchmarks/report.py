@@ -49,7 +49,7 @@ if str(HERE) not in sys.path:  # sibling modules (benchmarks/ is not a package)
 from report_markdown import ALL_SECTIONS, OPTIONAL, _device_name, markdown  # noqa: E402
 
 RESULTS = HERE / "results"
-from rfmpc.switch_cli import CONTROLLERS  # noqa: E402
+from rfmpc.cli.switch import CONTROLLERS  # noqa: E402
 
 SWITCH_METHODS = tuple(CONTROLLERS)
 QUICK_SWITCH_METHODS = ("direct", "blend", "reproject", "mpc", "shooting")

@@ -403,9 +403,9 @@ def child_switch(p, quick: bool, tmp: Path) -> dict:
     import equinox as eqx
     import jax
 
+    from rfmpc.cli.switch import controller_from_name
     from rfmpc.control import SwitchCache, switch
     from rfmpc.flow import TrajectoryState, flowmatch_sigmas, integrate
-    from rfmpc.switch_cli import controller_from_name
 
     field, shift, eps, ca, cb, label = _switch_setup(p)
     n, k = p.switch_steps, p.switch_k

@@ -46,7 +46,6 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +67,7 @@ from rfmpc.control import (
     Shooting,
     ShootingMPC,
     SwitchCache,
+    stack_states,
     switch,
     switch_batch,
 )
@@ -75,8 +75,12 @@ from rfmpc.control.results import OUTCOMES
 from rfmpc.flow import TrajectoryState, flowmatch_sigmas, integrate, integrate_path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BANDS = ((0.95, 1.01, ">=0.95"), (0.90, 0.95, "0.90-0.95"), (0.85, 0.90, "0.85-0.90"),
-         (-1.0, 0.85, "<0.85"))
+BANDS = (
+    (0.95, 1.01, ">=0.95"),
+    (0.90, 0.95, "0.90-0.95"),
+    (0.85, 0.90, "0.85-0.90"),
+    (-1.0, 0.85, "<0.85"),
+)
 SPLIT_SEEDS = {"dev": 1000, "heldout": 2000}
 
 
@@ -259,14 +263,15 @@ class Setup:
         sig = self.sigmas
         xk = self.xa[k]
         v_a = self.field(xk, sig[k], self.cond_a)
-        key = jax.random.key(11)
-        keys = jax.random.split(key, len(self.pairs))
-        states = TrajectoryState(
-            x=self.per_pair(xk),
-            step=jnp.full((len(self.pairs),), k, jnp.int32),
-            sigmas=jnp.tile(sig[None], (len(self.pairs), 1)),
-            key=keys,
-            cond=self.per_pair(self.cond_a),
+        keys = jax.random.split(jax.random.key(11), len(self.pairs))
+        xs, conds = self.per_pair(xk), self.per_pair(self.cond_a)
+        states = stack_states(
+            [
+                TrajectoryState(
+                    xs[i], k, sig, key=keys[i], cond=jax.tree.map(lambda a, i=i: a[i], conds)
+                )
+                for i in range(len(self.pairs))
+            ]
         )
         cached = SwitchCache(
             velocity=self.per_pair(v_a),
@@ -314,9 +319,9 @@ def run_k(setup: Setup, k: int, rows: list, ratios: dict, timing: bool, timing_r
             one = jax.tree.map(lambda a: a[0], states)
             one_c = jax.tree.map(lambda a: a[0], cached)
             one_b = jax.tree.map(lambda a: a[0], conds_b)
-            single[label] = lambda c=ctrl, st=one, cb=one_b, ca=one_c: switch(
-                setup.field, st, cb, c, similarity=float(sims[0]), cached=ca
-            ).state.x
+            single[label] = lambda c=ctrl, st=one, cb=one_b, ca=one_c: (
+                switch(setup.field, st, cb, c, similarity=float(sims[0]), cached=ca).state.x
+            )
             _block(single[label]())
     if timing:  # interleaved repeats of a single pair's switch
         walls = {label: [] for label in single}
@@ -346,8 +351,10 @@ def _cluster_boot(values: np.ndarray, clusters: int, fn=np.median, n: int = 2000
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, clusters, size=(n, clusters))
     stats = np.array([fn(v[i].reshape(-1)) for i in idx])
-    return float(fn(v.reshape(-1))), float(np.percentile(stats, 2.5)), float(
-        np.percentile(stats, 97.5)
+    return (
+        float(fn(v.reshape(-1))),
+        float(np.percentile(stats, 2.5)),
+        float(np.percentile(stats, 97.5)),
     )
 
 
@@ -362,7 +369,7 @@ def summarise(recs: list[dict], pairs: list[Pair]) -> list[dict]:
     for r in recs:
         d = by[r["k"], "direct"]
         row = {"k": r["k"], "method": r["method"]}
-        for name, ref in (("psnr28", None), ("psnr112", None)):
+        for name in ("psnr28", "psnr112"):
             row[name] = _cluster_boot(_cap(r[name]), p)
             row[f"{name}_vs_direct"] = _cluster_boot(_cap(r[name]) - _cap(d[name]), p)
             row[f"{name}_vs_equal"] = _cluster_boot(_cap(r[name]) - _cap(r[f"eq_{name}"]), p)
@@ -468,8 +475,15 @@ def plot(summary: list[dict], curve: dict, path: Path) -> None:
             for r in rows:
                 i = methods.index(r["method"])
                 m, lo, hi = r[key]
-                ax.errorbar(r["fe"], m, yerr=[[m - lo], [hi - m]], fmt="o", color=cmap(i % 20),
-                            label=r["method"] if (row, col) == (0, 0) else None, ms=5)
+                ax.errorbar(
+                    r["fe"],
+                    m,
+                    yerr=[[m - lo], [hi - m]],
+                    fmt="o",
+                    color=cmap(i % 20),
+                    label=r["method"] if (row, col) == (0, 0) else None,
+                    ms=5,
+                )
                 pts.append((r["fe"], m))
             front = sorted(pts)
             best, fr = -np.inf, []
@@ -510,13 +524,25 @@ def tune(setup: Setup, ks: list[int], ratios: dict) -> dict:
         label = f"mpc r={r:g} m={m} d={d:g}"
         gains28, gains112 = [], []
         for k in ks:
-            rec = run_k(setup, k, [(label, MPC(effort_weight=r, control_steps=m, decay=d))],
-                        ratios, False, 0)[0]
+            rec = run_k(
+                setup,
+                k,
+                [(label, MPC(effort_weight=r, control_steps=m, decay=d))],
+                ratios,
+                False,
+                0,
+            )[0]
             gains28.append(float(np.median(_cap(rec["psnr28"]) - _cap(base[k]["psnr28"]))))
             gains112.append(float(np.median(_cap(rec["psnr112"]) - _cap(base[k]["psnr112"]))))
         results.append(
-            {"effort_weight": r, "control_steps": m, "decay": d, "gain28": gains28,
-             "gain112": gains112, "score": float(np.mean(gains28))}
+            {
+                "effort_weight": r,
+                "control_steps": m,
+                "decay": d,
+                "gain28": gains28,
+                "gain112": gains112,
+                "score": float(np.mean(gains28)),
+            }
         )
         print(f"  {label}: {gains28} / {gains112}", file=sys.stderr, flush=True)
     results.sort(key=lambda z: (-z["score"], -float(np.mean(z["gain112"]))))
@@ -582,8 +608,17 @@ def gmm_report(samples: int = 512) -> tuple[str, list[dict]]:
                 for name, c in ctrls.items():
                     r = switch(gm, st, jnp.int32(1), c, cached=cached)
                     rmse = float(jnp.sqrt(jnp.mean(jnp.sum((r.state.x - xb) ** 2, -1))))
-                    rows.append({"family": fam, "delta": d, "k": k, "method": name,
-                                 "rmse": rmse, "outcome": r.outcome, **r.cost.to_dict()})
+                    rows.append(
+                        {
+                            "family": fam,
+                            "delta": d,
+                            "k": k,
+                            "method": name,
+                            "rmse": rmse,
+                            "outcome": r.outcome,
+                            **r.cost.to_dict(),
+                        }
+                    )
     lines = [
         "| family | delta | k | direct | MPC analytic J | MPC exact J | MPC frozen | "
         "gap analytic vs exact |",
@@ -628,8 +663,12 @@ def _jsonable(o):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--provider", default="embedded", choices=("embedded", "gmm"))
-    ap.add_argument("--split", default=None, choices=("dev", "heldout"),
-                    help="default: heldout (dev with --tune)")
+    ap.add_argument(
+        "--split",
+        default=None,
+        choices=("dev", "heldout"),
+        help="default: heldout (dev with --tune)",
+    )
     ap.add_argument("--per-kind", type=int, default=3, help="pairs per edit kind")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--ks", default="5,10,14,18")
@@ -675,7 +714,8 @@ def main(argv=None) -> int:
     )
     if args.tune:
         res = tune(setup, [k for k in ks if k in (10, 14)] or ks, ratios)
-        res.update(ratios=ratios, pairs=[p.__dict__ for p in pairs], wall_s=time.perf_counter() - t0)
+        res.update(ratios=ratios, pairs=[p.__dict__ for p in pairs])
+        res["wall_s"] = time.perf_counter() - t0
         best = res["best"]
         md = _header(f"switch tuning (dev split, {len(pairs)} pairs x {seeds} seeds)", args) + (
             f"\n\nbest MPC: effort_weight={best['effort_weight']}, control_steps="
@@ -709,24 +749,30 @@ def main(argv=None) -> int:
             rows.insert(0, ("direct", Direct()))
     recs = []
     for k in ks:
-        recs += run_k(setup, k, rows, ratios, timing=not args.quick,
-                      timing_runs=args.timing_runs)
+        recs += run_k(setup, k, rows, ratios, timing=not args.quick, timing_runs=args.timing_runs)
     summary = summarise(recs, pairs)
     curve = {}
     for n in (4, 6, 8, 10, 14, 18, 23, 28):
         sc = setup.scratch(n)
         curve[n] = {key: float(np.median(_cap(sc[key]))) for key in ("psnr28", "psnr112")}
     header = _header(
-        f"switch_quality ({split} split, {len(pairs)} pairs x {seeds} seeds, N = 28)", args,
+        f"switch_quality ({split} split, {len(pairs)} pairs x {seeds} seeds, N = 28)",
+        args,
         f"\n- total wall {time.perf_counter() - t0:.0f} s (compilation included)",
     )
     md = markdown(summary, header, pairs, ratios)
-    md += "\nB from scratch at n steps (the equal-cost curve), median PSNR vs B-28 / B-112: " + (
-        ", ".join(f"{n}: {c['psnr28']:.1f} / {c['psnr112']:.1f}" for n, c in curve.items())
-    ) + "\n"
+    md += (
+        "\nB from scratch at n steps (the equal-cost curve), median PSNR vs B-28 / B-112: "
+        + (", ".join(f"{n}: {c['psnr28']:.1f} / {c['psnr112']:.1f}" for n, c in curve.items()))
+        + "\n"
+    )
     print(md)
-    payload = {"summary": summary, "curve": curve, "ratios": ratios,
-               "pairs": [p.__dict__ for p in pairs]}
+    payload = {
+        "summary": summary,
+        "curve": curve,
+        "ratios": ratios,
+        "pairs": [p.__dict__ for p in pairs],
+    }
     if args.json:
         print(json.dumps(payload, default=_jsonable))
     if args.save:

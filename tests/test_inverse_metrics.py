@@ -96,7 +96,7 @@ def test_restore_cli_json_contract(tmp_path, capsys):
     MPC-Flow backpropagates through the network; the JSON has the contract's keys."""
     pytest.importorskip("rfmpc.data")
     pytest.importorskip("rfmpc.pipeline")
-    from rfmpc.inverse.cli import add_restore_parser
+    from rfmpc.cli.restore import add_restore_parser
 
     p = argparse.ArgumentParser()
     add_restore_parser(p.add_subparsers(dest="command"))

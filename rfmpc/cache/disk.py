@@ -362,8 +362,8 @@ class DiskCacheStore(AbstractCacheStore):
             self._add_rows(rows)
 
     # ------------------------------------------------------------------ writes
-    def put(self, prompt, pooled, states, *, model_id, config_hash) -> str:
-        entry = _new_entry(prompt, pooled, states, model_id, config_hash, 0.0)  # validates
+    def put(self, prompt, pooled, states, *, model_id, config_hash, extras=None) -> str:
+        entry = _new_entry(prompt, pooled, states, model_id, config_hash, 0.0, extras)  # checks
         eid = entry.entry_id
         path = self.blob_path(eid)
         with self._locked():
@@ -515,6 +515,14 @@ class DiskCacheStore(AbstractCacheStore):
                 getattr(e, "kind", "corrupted"),
                 f"{e}; run `rfmpc cache verify --repair --cache {self.directory}` to remove it",
             ) from None
+
+    def _ids_with_prompt(self, prompt, model_id, config_hash):
+        rows = self.conn.execute(
+            "SELECT id FROM entries WHERE prompt = ? AND model_id = ? AND config_hash = ? "
+            "ORDER BY created DESC",
+            (prompt, model_id, config_hash),
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def _candidates(self, q, model_id, config_hash, k, floor, exclude):
         self._sync()

@@ -39,8 +39,10 @@ __all__ = [
 ]
 
 _FORMAT = "rfmpc.CacheEntry"
-_VERSION = "1"
+_VERSION = "2"  # 2 added extras; version-1 blobs (no extras) still load
+_READABLE = ("1", "2")
 _ID_RE = re.compile(r"[0-9a-f]{32}")
+_EXTRA_RE = re.compile(r"[a-z0-9_][a-z0-9_./-]{0,63}")
 
 
 class CacheEntryError(ValueError):
@@ -179,6 +181,9 @@ class CacheEntry:
         created: creation time (seconds since the epoch).
         last_used: last time a lookup returned this entry.
         nbytes: stored size in bytes.
+        extras: named arrays stored beside the states (read-only numpy), e.g. A's velocity at
+            each cached step (``"velocity/12"``) and its final latent (``"final"``): what a
+            switch controller would otherwise recompute.
     """
 
     entry_id: str
@@ -190,6 +195,7 @@ class CacheEntry:
     created: float
     last_used: float
     nbytes: int = 0
+    extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -230,6 +236,27 @@ def _check_str(value, name: str) -> str:
     return value
 
 
+def normalize_extras(extras) -> dict[str, np.ndarray]:
+    """Validate ``extras`` (name -> array) into read-only numpy arrays, names sorted."""
+    if extras is None:
+        return {}
+    if not isinstance(extras, Mapping):
+        raise TypeError(f"extras must be a dict name -> array, got {type(extras).__name__}")
+    out = {}
+    for name in sorted(extras):
+        if not isinstance(name, str) or _EXTRA_RE.fullmatch(name) is None:
+            raise ValueError(
+                f"extras name {name!r} is invalid: use 1-64 characters of a-z, 0-9, '_', '.', "
+                "'/', '-' (e.g. 'velocity/12')"
+            )
+        a = np.array(extras[name], copy=True)
+        if a.dtype.kind not in "fiub":
+            raise TypeError(f"extras[{name!r}] must be a numeric array, got dtype {a.dtype}")
+        a.flags.writeable = False
+        out[name] = a
+    return out
+
+
 def make_entry(
     entry_id: str,
     prompt: str,
@@ -241,6 +268,7 @@ def make_entry(
     created: float,
     last_used: float | None = None,
     nbytes: int = 0,
+    extras=None,
 ) -> CacheEntry:
     """Validate the pieces and build a :class:`CacheEntry`."""
     return CacheEntry(
@@ -253,6 +281,7 @@ def make_entry(
         created=float(created),
         last_used=float(created if last_used is None else last_used),
         nbytes=int(nbytes),
+        extras=normalize_extras(extras),
     )
 
 
@@ -278,6 +307,8 @@ def entry_to_tensors(entry: CacheEntry) -> tuple[dict[str, np.ndarray], dict[str
                 tensors[by_content[key]] = arr
             names[name] = by_content[key]
         states_meta[str(step)] = {"header": st_header, "tensors": names}
+    for name, arr in entry.extras.items():
+        tensors[f"extra.{name}"] = np.require(np.asarray(arr), requirements="C")
     info = {
         "entry_id": entry.entry_id,
         "prompt": entry.prompt,
@@ -286,6 +317,7 @@ def entry_to_tensors(entry: CacheEntry) -> tuple[dict[str, np.ndarray], dict[str
         "created": entry.created,
         "steps": list(entry.states),
         "states": states_meta,
+        "extras": list(entry.extras),
     }
     metadata = {
         "format": _FORMAT,
@@ -312,10 +344,10 @@ def entry_from_tensors(
         raise CacheEntryError(
             f"{source}: not an rfmpc cache entry (format={metadata.get('format')!r})"
         )
-    if metadata.get("version") != _VERSION:
+    if metadata.get("version") not in _READABLE:
         raise CacheEntryError(
             f"{source}: cache entry format version {metadata.get('version')!r} is not supported "
-            f"(expects {_VERSION}); clear the cache with `rfmpc cache clear`"
+            f"(reads {', '.join(_READABLE)}); clear the cache with `rfmpc cache clear`"
         )
     digest = tensors_digest(tensors)
     if digest != metadata.get("sha256"):
@@ -339,6 +371,7 @@ def entry_from_tensors(
             created=info["created"],
             last_used=last_used,
             nbytes=nbytes,
+            extras={name: tensors[f"extra.{name}"] for name in info.get("extras", [])},
         )
     except CacheEntryError:
         raise

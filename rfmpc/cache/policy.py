@@ -78,6 +78,19 @@ class ResumePolicy:
         object.__setattr__(self, "thresholds", th)
         object.__setattr__(self, "fractions", fr)
 
+    def with_min_similarity(self, min_similarity: float) -> ResumePolicy:
+        """This policy with no band below ``min_similarity`` (the bands above it unchanged; a
+        floor above every threshold keeps the top band's fraction above the floor)."""
+        x = float(min_similarity)
+        if not (math.isfinite(x) and -1.0 < x <= 1.0):
+            raise ValueError(f"min_similarity must lie in (-1, 1], got {min_similarity!r}")
+        keep = [(t, f) for t, f in zip(self.thresholds, self.fractions) if t > x]
+        lower = [f for t, f in zip(self.thresholds, self.fractions) if t <= x]
+        frac = lower[0] if lower else self.fractions[-1]
+        keep.append((x, frac if not keep else min(frac, keep[-1][1])))
+        th, fr = zip(*keep)
+        return dataclasses.replace(self, thresholds=tuple(th), fractions=tuple(fr))
+
     @property
     def min_similarity(self) -> float:
         """Below this similarity the policy always generates from scratch."""

@@ -166,11 +166,13 @@ class AbstractCacheStore(abc.ABC):
         *,
         model_id: str,
         config_hash: str,
+        extras: Mapping[str, Any] | None = None,
     ) -> str:
         """Cache ``states`` (dict step -> state, or a list) of one run of ``prompt``.
 
-        ``pooled`` is the prompt's pooled embedding, ``(d,)`` or ``(1, d)``. Returns the new
-        entry id. May evict least-recently-used entries to honour the store's limits.
+        ``pooled`` is the prompt's pooled embedding, ``(d,)`` or ``(1, d)``; ``extras`` are
+        named arrays stored with the states (:attr:`CacheEntry.extras`). Returns the new entry
+        id. May evict least-recently-used entries to honour the store's limits.
         """
 
     @abc.abstractmethod
@@ -191,6 +193,10 @@ class AbstractCacheStore(abc.ABC):
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def _ids_with_prompt(self, prompt: str, model_id: str, config_hash: str) -> list[str]:
+        """Ids of the entries that cache exactly ``prompt`` under this model and config."""
 
     @abc.abstractmethod
     def _candidates(
@@ -257,6 +263,27 @@ class AbstractCacheStore(abc.ABC):
                 self._touch(eid, now)
                 return dataclasses.replace(entry, last_used=now), sim
 
+    def find_prompt(self, prompt: str, *, model_id: str, config_hash: str) -> list[CacheEntry]:
+        """Every intact entry that caches exactly ``prompt`` (newest first); damaged ones are
+        reported and skipped like in :meth:`nearest`. Does not touch the LRU order."""
+        if not isinstance(model_id, str) or not isinstance(config_hash, str):
+            raise TypeError("model_id and config_hash must be str")
+        out = []
+        for eid in self._ids_with_prompt(str(prompt), model_id, config_hash):
+            if eid in self._quarantined:
+                continue
+            try:
+                out.append(self._load(eid))
+            except _Vanished:
+                continue
+            except CacheEntryError as e:
+                self._report(eid, e)
+        return sorted(out, key=lambda e: -e.created)
+
+    def touch(self, entry_id: str) -> None:
+        """Mark an entry as used now (LRU), e.g. when it served an exact repeat."""
+        self._touch(entry_id, float(self._clock()))
+
     def lookup(
         self,
         pooled,
@@ -298,7 +325,7 @@ class AbstractCacheStore(abc.ABC):
         return sum(info.nbytes for info in self.ls())
 
 
-def _new_entry(prompt, pooled, states, model_id, config_hash, now) -> CacheEntry:
+def _new_entry(prompt, pooled, states, model_id, config_hash, now, extras=None) -> CacheEntry:
     return make_entry(
         new_entry_id(),
         prompt,
@@ -307,6 +334,7 @@ def _new_entry(prompt, pooled, states, model_id, config_hash, now) -> CacheEntry
         model_id=model_id,
         config_hash=config_hash,
         created=now,
+        extras=extras,
     )
 
 
@@ -362,8 +390,9 @@ class MemoryCacheStore(AbstractCacheStore):
         self._infos: dict[str, EntryInfo] = {}
         self._index = SimilarityIndex()
 
-    def put(self, prompt, pooled, states, *, model_id, config_hash) -> str:
-        entry = _new_entry(prompt, pooled, states, model_id, config_hash, float(self._clock()))
+    def put(self, prompt, pooled, states, *, model_id, config_hash, extras=None) -> str:
+        now = float(self._clock())
+        entry = _new_entry(prompt, pooled, states, model_id, config_hash, now, extras)
         tensors, metadata = entry_to_tensors(entry)
         nbytes = payload_nbytes(tensors, metadata)
         if self.max_bytes is not None and nbytes > self.max_bytes:
@@ -419,6 +448,13 @@ class MemoryCacheStore(AbstractCacheStore):
         if entry_id not in self._blobs:
             raise KeyError(f"no cache entry {entry_id!r}")
         return self._load(entry_id)
+
+    def _ids_with_prompt(self, prompt, model_id, config_hash):
+        return [
+            eid
+            for eid, i in self._infos.items()
+            if (i.prompt, i.model_id, i.config_hash) == (prompt, model_id, config_hash)
+        ]
 
     def _candidates(self, q, model_id, config_hash, k, floor, exclude):
         return self._index.nearest(

@@ -260,7 +260,7 @@ def _check_controller(controller) -> None:
         raise TypeError(
             f"controller must be a controller object such as rfmpc.control.Direct() or MPC(), "
             f"got {type(controller).__name__} {controller!r}; the CLI names map to classes in "
-            "rfmpc.cli.CONTROLLERS"
+            "rfmpc.cli.switch.CONTROLLERS"
         )
 
 

@@ -1,4 +1,5 @@
-"""``rfmpc restore``: restore one image with MPC-Flow or a baseline and print its metrics.
+"""Restore one image with MPC-Flow or a baseline and measure it (the library behind ``rfmpc
+restore``; its argparse front end is :mod:`rfmpc.cli.restore`).
 
     rfmpc restore --task {inpaint-box,inpaint-random,deblur,sr2,sr4,denoise,nonlinear-deblur}
                   --method {mpc-rhc,mpc-dt,mpc-k1,pnp-flow,d-flow,flowgrad,oc-flow,flowchef}
@@ -18,9 +19,7 @@ The model comes from :func:`provide_prior` (``--prior``; default: the embedded m
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +31,6 @@ __all__ = [
     "DEFAULT_NOISE",
     "PRIORS",
     "Prior",
-    "add_restore_parser",
-    "cmd_restore",
     "prior_from_pipeline",
     "provide_prior",
     "tiny_mmdit_pipeline",
@@ -225,25 +222,6 @@ def _save_strip(path: str, panels, scale: int = 4) -> None:
     img.save(path)
 
 
-def cmd_restore(args) -> int:
-    out = restore(
-        provide_prior(args.prior),
-        task=args.task,
-        method=args.method,
-        image=args.image,
-        prompt=args.prompt,
-        noise=args.noise,
-        seed=args.seed,
-        out=args.out,
-    )
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k}: {v}")
-    return 0
-
-
 def restore(
     prior: Prior,
     *,
@@ -331,33 +309,3 @@ def restore(
         _save_strip(args.out, [disp, est[0], ref[0]])
         out["out"] = str(args.out)
     return out
-
-
-def add_restore_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``restore`` on an ``argparse`` sub-parser collection; returns its parser."""
-    from rfmpc.inverse.operators import TASKS
-    from rfmpc.inverse.registry import METHODS
-
-    r = subparsers.add_parser(
-        "restore",
-        help="restore an image from a degraded measurement with a flow prior (MPC-Flow et al.)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    r.add_argument("--task", required=True, choices=TASKS)
-    r.add_argument("--method", required=True, choices=list(METHODS))
-    src = r.add_mutually_exclusive_group()
-    src.add_argument("--image", help="ground-truth PNG (resized to the model's resolution)")
-    src.add_argument("--prompt", help="render the ground truth of this grammar prompt")
-    r.add_argument("--noise", type=float, default=None, help="noise std (default: per task)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", help="write a PNG strip: measurement | restored | truth")
-    r.add_argument(
-        "--prior",
-        choices=PRIORS,
-        default="embedded",
-        help="embedded: the default model; gmm: exact mixture stand-in; tiny-mmdit: random net",
-    )
-    r.add_argument("--json", action="store_true", help="print one JSON object")
-    r.set_defaults(func=cmd_restore)
-    return r

@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from rfmpc.io import user_file_mode
 from weights_conversion.safetensors_io import WeightLoadError, load_into_model, open_folder
 
 __all__ = [
@@ -69,7 +70,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; saved models are shareable
+            os.fchmod(f.fileno(), user_file_mode())  # mkstemp makes 0600
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -23,6 +23,8 @@ import time
 import jax
 import numpy as np
 
+from rfmpc.cli._common import emit
+
 __all__ = ["CONTROLLERS", "add_switch_parser", "controller_from_name", "run_switch"]
 
 
@@ -230,7 +232,6 @@ def add_switch_parser(sub) -> None:
 
 
 def _cmd(args) -> int:
-    from rfmpc.cli import _print
     from rfmpc.pipeline import load_pipeline
 
     pipe = load_pipeline(args.model)
@@ -246,5 +247,5 @@ def _cmd(args) -> int:
         out_png=args.out,
         guidance=args.guidance,
     )
-    _print(rec, args.json)
+    emit(rec, args.json)
     return 0
