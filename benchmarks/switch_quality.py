@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import statistics
@@ -124,14 +123,9 @@ def _band(sim: float) -> str:
     raise AssertionError(sim)  # pragma: no cover
 
 
-def _split_of(scene) -> str:
-    h = int.from_bytes(hashlib.sha256(scene.key().encode()).digest()[:8], "little")
-    return "dev" if h % 2 == 0 else "heldout"
-
-
 def make_pairs(pipe, split: str, per_kind: int, min_per_band: int = 2) -> list[Pair]:
     """The split's pairs by the fixed rule of the module docstring."""
-    from rfmpc.data import EDIT_KINDS, edit_prompt, sample_split_scene
+    from rfmpc.data import EDIT_KINDS, benchmark_split, edit_prompt, sample_split_scene
 
     rng = np.random.default_rng(SPLIT_SEEDS[split])
 
@@ -139,7 +133,7 @@ def make_pairs(pipe, split: str, per_kind: int, min_per_band: int = 2) -> list[P
         for _ in range(10_000):
             n_obj = 1 if kind == "second-object" else int(rng.integers(1, 3))
             scene = sample_split_scene(rng, "heldout", n_objects=n_obj)
-            if _split_of(scene) != split:
+            if benchmark_split(scene) != split:
                 continue
             pr = edit_prompt(scene, kind, rng)
             if pr is not None:
@@ -344,6 +338,94 @@ def run_k(setup: Setup, k: int, rows: list, ratios: dict, timing: bool, timing_r
     return out
 
 
+def time_controllers(setup: Setup, ks: list[int], rows: list, runs: int) -> list[dict]:
+    """Wall time of one pair's switch (its seeds as one batch) per controller and ``k``:
+    compiled, median of ``runs`` repeats with the controllers interleaved, beside the plain
+    denoising step measured the same way (a 28-step generation / 28)."""
+    out = []
+    for k in ks:
+        states, cached = setup.state(k)
+        one = jax.tree.map(lambda a: a[0], states)
+        one_c = jax.tree.map(lambda a: a[0], cached)
+        one_b = jax.tree.map(lambda a: a[0], setup.per_pair(setup.cond_b))
+        sim = float(setup.pairs[0].similarity)
+        fns = {}
+        for label, ctrl in rows:
+            print(f"  timing k={k} {label}", file=sys.stderr, flush=True)
+            fns[label] = lambda c=ctrl, a=one, b=one_b, m=sim, ca=one_c: (
+                switch(setup.field, a, b, c, similarity=m, cached=ca).state.x
+            )
+            _block(fns[label]())  # compile
+        x0 = one_c.noise
+        gen = eqx_filter_jit_generate(setup)
+        _block(gen(x0, one_b))
+        fns["(a 28-step generation)"] = lambda g=gen, a=x0, b=one_b: g(a, b)
+        walls = {label: [] for label in fns}
+        for _ in range(runs):
+            for label, fn in fns.items():
+                t0 = time.perf_counter()
+                _block(fn())
+                walls[label].append(time.perf_counter() - t0)
+        med = {label: statistics.median(v) for label, v in walls.items()}
+        step = med.pop("(a 28-step generation)") / setup.steps
+        for label, ctrl in rows:
+            window = ctrl.window(setup.steps - k)
+            extra = med[label] - med["direct"]
+            out.append(
+                {
+                    "k": k,
+                    "method": label,
+                    "wall_s": med[label],
+                    "min_s": min(walls[label]),
+                    "x_direct": med[label] / med["direct"],
+                    "step_s": step,
+                    "controlled_steps": window,
+                    "overhead_per_controlled_step_pct": (
+                        100.0 * extra / window / step if window else None
+                    ),
+                }
+            )
+    return out
+
+
+def eqx_filter_jit_generate(setup: Setup):
+    """B from the seed noise over the whole grid, jitted whole (the plain step's cost)."""
+    import equinox as eqx
+
+    sig = setup.sigmas
+
+    @eqx.filter_jit
+    def gen(x, cond):
+        return integrate(setup.field, x, sig, cond).x
+
+    return gen
+
+
+def timing_markdown(recs: list[dict], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| k | method | wall (1 pair, 4 images) | min | x direct | controlled steps | "
+        "overhead per controlled step (% of a plain step) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        ov = r["overhead_per_controlled_step_pct"]
+        lines.append(
+            f"| {r['k']} | {r['method']} | {1e3 * r['wall_s']:.1f} ms | "
+            f"{1e3 * r['min_s']:.1f} ms | "
+            f"{r['x_direct']:.3f} | {r['controlled_steps']} | "
+            f"{'-' if ov is None else f'{ov:.1f}%'} |"
+        )
+    step = {r["k"]: r["step_s"] for r in recs}
+    lines += [
+        "",
+        "plain step (a jitted 28-step generation / 28): "
+        + ", ".join(f"k={k}: {1e3 * v:.2f} ms" for k, v in step.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- statistics
 def _cluster_boot(values: np.ndarray, clusters: int, fn=np.median, n: int = 2000, seed: int = 0):
     """``fn`` over all values and its 95% CI by resampling clusters (rows of ``values``)."""
@@ -504,8 +586,8 @@ def plot(summary: list[dict], curve: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- tuning
-TUNE_GRID = {
-    "effort_weight": (3e-4, 1e-3, 3e-3),
+TUNE_GRID = {  # effort on the state increment h u (MPC's units); h = 0.037 on the embedded grid
+    "effort_weight": (0.22, 0.73, 2.2),
     "control_steps": (2, 3, 4, 6),
     "decay": (0.5, 0.7, 0.85),
 }
@@ -674,6 +756,17 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", default="5,10,14,18")
     ap.add_argument("--methods", default=None, help="comma-separated row labels")
     ap.add_argument("--timing-runs", type=int, default=7)
+    ap.add_argument("--no-timing", action="store_true", help="quality only (a loaded machine)")
+    ap.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only the single-pair wall times (run on an idle machine)",
+    )
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="write a timing file although the load is above 1.5 per core",
+    )
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 pair per kind, 1 seed")
     ap.add_argument("--save", action="store_true")
@@ -747,9 +840,30 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r[0] in want]
         if not any(r[0] == "direct" for r in rows):
             rows.insert(0, ("direct", Direct()))
+    if args.timing_only:
+        load = _load()
+        loaded = load > 1.5 * (os.cpu_count() or 1)
+        if loaded and not args.force:
+            ap.error(
+                f"load average {load:.2f} is above 1.5 per core: the timings would not be a "
+                "result; wait for an idle machine or pass --force (the file is marked)"
+            )
+        trecs = time_controllers(setup, ks, rows, args.timing_runs)
+        header = _header(
+            f"switch timing ({split} split, pair 0 x {seeds} seeds, N = 28)"
+            + (" -- LOADED MACHINE" if loaded else ""),
+            args,
+        )
+        md = timing_markdown(trecs, header)
+        print(md)
+        if args.save:
+            stem = RESULTS_DIR / f"{stamp}-cpu-switch_timing"
+            stem.with_suffix(".md").write_text(md)
+            stem.with_suffix(".json").write_text(json.dumps(trecs, default=_jsonable))
+        return 0
     recs = []
     for k in ks:
-        recs += run_k(setup, k, rows, ratios, timing=not args.quick, timing_runs=args.timing_runs)
+        recs += run_k(setup, k, rows, ratios, timing=False, timing_runs=0)
     summary = summarise(recs, pairs)
     curve = {}
     for n in (4, 6, 8, 10, 14, 18, 23, 28):

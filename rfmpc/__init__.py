@@ -8,6 +8,7 @@ latents/images are NHWC.
 __version__ = "0.1.0"
 
 __all__ = [
+    "CachedGenerator",
     "Pipeline",
     "initialize_distributed",
     "load_pipeline",
@@ -25,6 +26,10 @@ def __getattr__(name: str):
         from rfmpc import pipeline
 
         return getattr(pipeline, name)
+    if name == "CachedGenerator":  # serve prompts from a trajectory cache (rfmpc.cached)
+        from rfmpc import cached
+
+        return cached.CachedGenerator
     if name in _PARALLEL:  # multi-device helpers (docs/parallel.md)
         from rfmpc import parallel
 

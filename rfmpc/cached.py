@@ -135,6 +135,10 @@ class CachedGenerator:
             the pipeline's); all enter the cache key.
         store_steps: the steps a miss stores (default: every step the policy can pick at this
             ``N``).
+        batch_buckets: batches (misses, and each group of hits) are padded up to the next of
+            these sizes by repeating their last prompt (the padding is computed and discarded),
+            so a stream of calls compiles one program per bucket instead of one per batch size.
+            ``()`` disables padding.
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class CachedGenerator:
         height: int | None = None,
         width: int | None = None,
         store_steps: Sequence[int] | None = None,
+        batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
     ):
         if not isinstance(pipe, Pipeline):
             raise TypeError(f"pipe must be a rfmpc Pipeline (load_pipeline), got {type(pipe)}")
@@ -190,6 +195,10 @@ class CachedGenerator:
                 f"{list(store_steps)!r}"
             )
         self.store_steps = tuple(sorted(int(s) for s in store_steps))
+        buckets = tuple(sorted(int(b) for b in batch_buckets))
+        if any(b < 1 for b in buckets):
+            raise ValueError(f"batch_buckets must be sizes >= 1, got {batch_buckets!r}")
+        self.batch_buckets = buckets
         dtype = str(jax.tree.leaves(pipe.transformer.params)[0].dtype)
         self.config_hash = config_hash(
             pipeline=pipe.config_hash(self.shape, steps), guidance=self.guidance, dtype=dtype
@@ -338,12 +347,17 @@ class CachedGenerator:
             **kw,
         )
 
+    def _padded(self, n: int) -> int:
+        """The batch size ``n`` requests are computed at (the next bucket, or ``n``)."""
+        return next((b for b in self.batch_buckets if b >= n), n)
+
     def _generate(self, idx, prompts, seeds, pooled, latents, records) -> None:
         """Misses: one batch from scratch, then one resumable entry per prompt."""
         t0 = time.perf_counter()
-        ps = [prompts[i] for i in idx]
+        run = idx + [idx[-1]] * (self._padded(len(idx)) - len(idx))
+        ps = [prompts[i] for i in run]
         noise = jnp.concatenate(
-            [jax.random.normal(jax.random.key(seeds[i]), self.shape, jnp.float32) for i in idx]
+            [jax.random.normal(jax.random.key(seeds[i]), self.shape, jnp.float32) for i in run]
         )
         capture = sorted(set(self.store_steps) | {s + 1 for s in self.store_steps})
         out = self.pipe(
@@ -405,6 +419,8 @@ class CachedGenerator:
         """Hits at one resume step: one ``switch_batch``; the outputs recorded for repeats."""
         k, has_v, has_final = key
         t0 = time.perf_counter()
+        real = len(group)
+        group = group + [group[-1]] * (self._padded(real) - real)
         idx = [i for i, _ in group]
         states = stack_states([h.state for _, h in group])
         conds_b = jax.tree.map(
@@ -419,9 +435,9 @@ class CachedGenerator:
         res = switch_batch(
             self.field, states, conds_b, self.controller, similarity=sims, cached=cached
         )
-        wall = (time.perf_counter() - t0) / len(idx)
+        wall = (time.perf_counter() - t0) / real
         name = type(self.controller).__name__
-        for j, (i, hit) in enumerate(group):
+        for j, (i, hit) in enumerate(group[:real]):
             x = res.x[j]
             seed_used = _meta(hit.entry).get("seed_used")
             st = hit.state

@@ -74,7 +74,7 @@ class Adaptive(AbstractCommand):
     """
 
     text_thresholds: tuple[float, float] = (0.95, 0.90)
-    velocity_thresholds: tuple[float, float] = (0.80, 0.60)
+    velocity_thresholds: tuple[float, float] = (0.87, 0.62)
     lengths: tuple[int, int, int] = (3, 5, 8)
     slope: float = 10.0
     mode: str = "velocity"

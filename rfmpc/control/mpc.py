@@ -17,7 +17,7 @@ level ``sigma_j``), with ``v_B(x_j)`` the velocity the step evaluates anyway:
    h_i u_i``, and the reference is ``ref_i = sigma_{j+i+1} d^(j-k+i) (eps_target - eps_B)``. With
    the analytic ``J = I / sigma`` the nominal path is exactly a trajectory of the model, so the
    problem is pure regulation with ``a_i = sigma_{j+i+1} / sigma_{j+i}``.
-4. **QP.** ``min sum_i q ||e_{i+1} - ref_i||^2 + r ||u_i||^2 + s ||u_i - u_{i-1}||^2`` over
+4. **QP.** ``min sum_i q ||e_{i+1} - ref_i||^2 + r ||h_i u_i||^2 + s ||u_i - u_{i-1}||^2`` over
    ``Np = horizon`` steps (steps past the grid's end get ``h = 0`` and zero weights), box
    ``|u| <= u_max``. With a diagonal linearisation it separates per element and the
    :class:`~rfmpc.control.lqr.LQR` solves it in closed form (Riccati gains from the sigma grid
@@ -119,7 +119,9 @@ def mpc_qp(
         g=g,
         h=h,
         q=jnp.where(valid, mpc.tracking_weight, 0.0).astype(dt),
-        r=jnp.full((n_p,), mpc.effort_weight, dt),
+        # effort on the state increment h u (not on u): the same weight means the same
+        # correction per step on any grid
+        r=mpc.effort_weight * jnp.where(valid, h, s_j) ** 2,
         s=jnp.where(valid, mpc.smoothness_weight, 0.0).astype(dt),
         ref=ref,
         w=w,
@@ -138,7 +140,9 @@ class MPC(AbstractController):
         solver: ``LQR()`` (closed form; diagonal linearisations) or ``OSQP(...)``.
         horizon: prediction horizon ``Np``.
         control_steps: MPC runs on this many steps after the switch, then the plain command.
-        tracking_weight, effort_weight, smoothness_weight: ``q``, ``r`` (> 0) and ``s``.
+        tracking_weight, effort_weight, smoothness_weight: ``q``, ``r`` (> 0; it weighs the
+            state increment ``h u`` of a control, so a weight means the same on any grid) and
+            ``s``.
         decay: the reference's pull on the ``i``-th step after the switch is ``decay ** i``.
         target: ``"a-implied"`` or ``"seed"`` (the noise the reference path ends in).
         u_max: box on every control element (velocity units; a safety limit by default).
@@ -150,7 +154,7 @@ class MPC(AbstractController):
     horizon: int = 5
     control_steps: int | None = 3
     tracking_weight: float = 1.0
-    effort_weight: float = 1e-3
+    effort_weight: float = 0.73
     smoothness_weight: float = 0.0
     decay: float = 0.7
     target: str = "a-implied"

@@ -538,7 +538,9 @@ def switch(
 
 
 def stack_states(states: list[TrajectoryState]) -> TrajectoryState:
-    """Stack states (same step, grid and shapes) on a new leading axis, for :func:`switch_batch`."""
+    """Stack states (same step, grid and shapes) on a new leading axis, for :func:`switch_batch`.
+
+    Metadata is kept only when every state has the same (it is static, not an array)."""
     if not states:
         raise ValueError("stack_states needs at least one state")
     ref = states[0]
@@ -550,7 +552,10 @@ def stack_states(states: list[TrajectoryState]) -> TrajectoryState:
                 f"states[{i}].x is {s.x.shape} {s.x.dtype} but states[0].x is {ref.x.shape} "
                 f"{ref.x.dtype}: batch states of one model and resolution only"
             )
-    return jax.tree.map(lambda *a: jnp.stack(a), *states)
+    # per-state metadata (prompt, seed...) is static: keep it only where every state agrees
+    meta = ref.meta if all(s.meta == ref.meta for s in states) else ()
+    same = [TrajectoryState(s.x, s.step, s.sigmas, s.key, s.cond, meta) for s in states]
+    return jax.tree.map(lambda *a: jnp.stack(a), *same)
 
 
 def _check_batch(name: str, tree, b: int) -> None:

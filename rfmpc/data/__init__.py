@@ -19,7 +19,7 @@ from rfmpc.data.dataset import (
     make_batch,
     sample_split_scene,
 )
-from rfmpc.data.edits import EDIT_KINDS, edit_prompt, edit_scene
+from rfmpc.data.edits import EDIT_KINDS, benchmark_split, edit_prompt, edit_scene
 from rfmpc.data.grammar import (
     STYLES,
     VOCABULARY,
@@ -68,6 +68,7 @@ __all__ = [
     "analyze",
     "attribute_accuracy",
     "background_image",
+    "benchmark_split",
     "coverage",
     "detect",
     "edit_prompt",

@@ -23,6 +23,7 @@ Kinds (:data:`EDIT_KINDS`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from rfmpc.data.scene import (
     visible_colours,
 )
 
-__all__ = ["EDIT_KINDS", "edit_prompt", "edit_scene"]
+__all__ = ["EDIT_KINDS", "benchmark_split", "edit_prompt", "edit_scene"]
 
 EDIT_KINDS: tuple[str, ...] = (
     "paraphrase",
@@ -121,3 +122,12 @@ def edit_prompt(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str,
         return None
     style = STYLES[1 + int(rng.integers(len(STYLES) - 1))] if kind == "paraphrase" else "canonical"
     return to_prompt(scene), to_prompt(new, style)
+
+
+def benchmark_split(scene: Scene) -> str:
+    """``"dev"`` or ``"heldout"``: which split of the switch / cache benchmarks ``scene`` belongs
+    to (``sha256(scene.key())`` even: dev; odd: held-out). A fixed rule, so tuning on the dev
+    split never sees a held-out scene. (All of them are the *model's* held-out scenes: see
+    :func:`rfmpc.data.is_heldout`.)"""
+    h = int.from_bytes(hashlib.sha256(scene.key().encode()).digest()[:8], "little")
+    return "dev" if h % 2 == 0 else "heldout"
