@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,7 @@ from rfmpc.control import (
     switch_batch,
 )
 from rfmpc.flow import TrajectoryState
-from rfmpc.pipeline import Pipeline, to_pil
+from rfmpc.pipeline import Pipeline, UnknownWordsWarning, check_vocabulary, to_pil
 
 __all__ = ["CachedGenerator", "CachedOutput", "GenerationRecord"]
 
@@ -224,6 +225,18 @@ class CachedGenerator:
                 return entry, final
         return None
 
+    def _pipe_call(self, prompts, noise, capture):
+        return self.pipe(
+            prompts,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            height=self.height,
+            width=self.width,
+            latents=noise,
+            return_states=capture,
+            output_type="latent",
+        )
+
     # ------------------------------------------------------------------ the call
     def __call__(
         self,
@@ -231,8 +244,10 @@ class CachedGenerator:
         seed: int | Sequence[int] = 0,
         *,
         output_type: str = "np",
+        strict: bool = False,
     ) -> CachedOutput:
-        """Generate ``prompts`` (one seed for all, or one per prompt)."""
+        """Generate ``prompts`` (one seed for all, or one per prompt). ``strict``: see
+        :meth:`rfmpc.pipeline.Pipeline.__call__` (words outside the embedded vocabulary)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -250,6 +265,7 @@ class CachedGenerator:
         seeds = [_check_seed(s) for s in seeds]
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
+        check_vocabulary(self.pipe.text_encoder, prompts, strict)
         n = len(prompts)
         latents: list[Any] = [None] * n
         records: list[GenerationRecord | None] = [None] * n
@@ -360,16 +376,9 @@ class CachedGenerator:
             [jax.random.normal(jax.random.key(seeds[i]), self.shape, jnp.float32) for i in run]
         )
         capture = sorted(set(self.store_steps) | {s + 1 for s in self.store_steps})
-        out = self.pipe(
-            ps,
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance,
-            height=self.height,
-            width=self.width,
-            latents=noise,
-            return_states=capture,
-            output_type="latent",
-        )
+        with warnings.catch_warnings():  # __call__ already warned about unknown words
+            warnings.simplefilter("ignore", UnknownWordsWarning)
+            out = self._pipe_call(ps, noise, capture)
         wall = (time.perf_counter() - t0) / len(idx)
         sig = out.sigmas
         for j, i in enumerate(idx):

@@ -52,6 +52,7 @@ __all__ = [
     "Pipeline",
     "PipelineOutput",
     "PixelCodec",
+    "UnknownWordsWarning",
     "VAECodec",
     "load_pipeline",
 ]
@@ -126,6 +127,40 @@ class VAECodec:
 
 
 # ----------------------------------------------------------------------------- text encoders
+class UnknownWordsWarning(UserWarning):
+    """A prompt has words the embedded model's vocabulary does not hold (they are ignored)."""
+
+
+_VALID_EXAMPLE = "a red circle at the top left on a blue background"
+
+
+def check_vocabulary(text_encoder, prompts: Sequence[str], strict: bool) -> None:
+    """Warn (``strict=False``) or raise ``ValueError`` (``strict=True``) if ``prompts`` contain
+    words the text encoder cannot represent. Encoders with an open vocabulary (SD3's CLIP / T5
+    byte-level tokenizers) have no ``unknown_words`` and pass."""
+    probe = getattr(text_encoder, "unknown_words", None)
+    if probe is None:
+        return
+    bad = probe(list(prompts))
+    if not bad:
+        return
+    from rfmpc.data.grammar import VOCABULARY
+
+    words = sorted({w for ws in bad.values() for w in ws})
+    msg = (
+        f"{len(bad)} prompt(s) contain words outside the embedded model's vocabulary, which "
+        f"it ignores: {words}; e.g. {next(iter(bad))!r}. The embedded model knows the "
+        f"procedural grammar ({len(VOCABULARY)} words: shapes, colours, positions, sizes, "
+        f"backgrounds), e.g. {_VALID_EXAMPLE!r}; load an SD3 folder (--model) for open prompts"
+        + ("" if strict else "; strict=True (CLI: --strict) makes this an error")
+    )
+    if strict:
+        raise ValueError(msg)
+    import warnings
+
+    warnings.warn(msg, UnknownWordsWarning, stacklevel=3)
+
+
 class EmbeddedTextEncoder:
     """The embedded model's small text encoder: prompts -> ``{"embeds", "pooled"}``."""
 
@@ -138,6 +173,12 @@ class EmbeddedTextEncoder:
 
     def pooled(self, prompts: Sequence[str]) -> Float[Array, "b p"]:
         return self.encoder.encode(list(prompts))[1]
+
+    def unknown_words(self, prompts: Sequence[str]) -> dict[str, list[str]]:
+        """Prompt -> its words outside this encoder's vocabulary (prompts without any omitted)."""
+        tok = self.encoder.tokenizer
+        out = {p: tok.unknown_words(p) for p in prompts}
+        return {p: w for p, w in out.items() if w}
 
 
 class SD3TextEncoders:
@@ -371,6 +412,7 @@ class Pipeline:
         return_states: Sequence[int] = (),
         progress: bool = False,
         mesh: Any = None,
+        strict: bool = False,
     ) -> PipelineOutput:
         """Generate images (diffusers' ``StableDiffusion3Pipeline.__call__`` semantics).
 
@@ -386,6 +428,9 @@ class Pipeline:
             output_type: ``"np"`` (NHWC float32 in [0, 1]), ``"pil"`` or ``"latent"``.
             return_states: steps k at which to capture the :class:`TrajectoryState` (0..N).
             progress: show a progress bar over denoising steps.
+            strict: raise ``ValueError`` instead of warning (:class:`UnknownWordsWarning`) when
+                a prompt has words the embedded model's vocabulary lacks (an SD3 folder's
+                encoders have an open vocabulary: nothing to check).
             mesh: a ``rfmpc.parallel`` mesh (default: the pipeline's own, ``self.mesh``; None =
                 one device): the noise, the conditioning and every model call are split over
                 its ``"data"`` axis; the number of prompts must be a multiple of that axis size
@@ -401,6 +446,7 @@ class Pipeline:
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
         prompts = _as_list(prompt, "prompt")
+        check_vocabulary(self.text_encoder, prompts, strict)
         shape = self.latent_shape(len(prompts), height, width)
         if latents is None:
             if key is None:
@@ -408,6 +454,11 @@ class Pipeline:
                     raise ValueError("give seed=, key= or latents= (randomness is explicit)")
                 if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
                     raise TypeError(f"seed must be an int, got {seed!r}")
+                if not -(2**63) <= int(seed) < 2**63:
+                    raise ValueError(
+                        f"seed must be a 64-bit integer in [-2**63, 2**63 - 1], got {seed}; "
+                        "pick a smaller seed"
+                    )
                 key = jax.random.key(int(seed))
             elif not isinstance(key, jax.Array):
                 raise TypeError(

@@ -124,6 +124,9 @@ def test_switch_bad_inputs(capsys):
 
 
 def test_generate_rejects_unknown_words_in_score(capsys):
-    assert main(["generate", "--prompt", "a photo of a cat", "--steps", "2", "--json"]) == 0
+    from rfmpc.pipeline import UnknownWordsWarning
+
+    with pytest.warns(UnknownWordsWarning, match=r"\['cat', 'photo'\]"):
+        assert main(["generate", "--prompt", "a photo of a cat", "--steps", "2", "--json"]) == 0
     rec = _json_out(capsys)
     assert str(rec["attribute_accuracy"]).startswith("not scored")

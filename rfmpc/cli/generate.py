@@ -66,6 +66,7 @@ def _plain(args, pipe, t0, t_load) -> int:
             width=args.width,
             seed=args.seed,
             progress=not args.json,
+            strict=args.strict,
         )
     rec = {
         "model": pipe.model_id,
@@ -111,7 +112,7 @@ def _cached(args, pipe) -> int:
             height=args.height,
             width=args.width,
         )
-        out = gen(args.prompt, seed=args.seed)
+        out = gen(args.prompt, seed=args.seed, strict=args.strict)
     scores = _scores(args.model, out.images, args.prompt)
     n = len(args.prompt)
     for i, rec in enumerate(out.records):
@@ -178,6 +179,11 @@ def add_generate_parser(sub) -> None:
         type=float,
         default=None,
         help="resume only from cached prompts at least this similar (default: the policy's)",
+    )
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on words outside the embedded model's vocabulary (default: warn)",
     )
     g.add_argument("--out", default=None, help="PNG (a captioned grid; per image with --cache)")
     g.add_argument("--json", action="store_true")

@@ -121,6 +121,17 @@ class PromptTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The words of ``prompt`` outside the vocabulary (each maps to ``[UNK]``), in order,
+        without repeats."""
+        enc = self.tokenizer.encode(prompt)
+        out: list[str] = []
+        for tid, (a, b) in zip(enc.ids, enc.offsets):
+            word = prompt[a:b]
+            if tid == self.unk_id and word and word not in out:
+                out.append(word)
+        return out
+
     def tokens(self, prompt: str) -> list[str]:
         """The token strings of one prompt (``[CLS]`` first, padding included)."""
         return self.tokenizer.encode(prompt).tokens
