@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -373,7 +374,17 @@ class DiskCacheStore(AbstractCacheStore):
             now = float(self._clock())
             entry = dataclasses.replace(entry, created=now, last_used=now)
             tensors, metadata = entry_to_tensors(entry)
-            save_safetensors(path, tensors, metadata)
+            try:
+                save_safetensors(path, tensors, metadata)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise OSError(
+                        e.errno,
+                        f"cache directory {self.directory} is full ({os.strerror(e.errno)}) while "
+                        f"writing entry {eid}: free space, lower max_bytes or run `rfmpc cache "
+                        "clear`; nothing was written",
+                    ) from e
+                raise
             try:
                 sha, size = _sha256_file(path)
                 if self.max_bytes is not None and size > self.max_bytes:

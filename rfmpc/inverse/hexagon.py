@@ -157,6 +157,11 @@ def _run(field, x0, controls_rfmpc, n: int, target) -> HexagonRun:
 
 
 def _check(x0, target, n: int):
+    x0, target = np.asarray(x0, np.float64), np.asarray(target, np.float64)
+    if x0.size != 2 or target.size != 2:
+        raise ValueError(
+            f"x0 and target must be 2-D points, got shapes {x0.shape} and {target.shape}"
+        )
     x0 = jnp.asarray(x0, jnp.float32).reshape(1, 2)
     target = jnp.asarray(target, jnp.float32).reshape(1, 2)
     if not (bool(jnp.all(jnp.isfinite(x0))) and bool(jnp.all(jnp.isfinite(target)))):
