@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,18 +37,25 @@ from rfmpc.cache import (
     CacheEntryError,
     CacheIndexError,
     DiskCacheStore,
+    MemoryCacheStore,
     config_hash,
 )
+from rfmpc.cached import CachedGenerator
 from rfmpc.cli import main
 from rfmpc.control import (
+    LQR,
     MPC,
     OSQP,
     Adaptive,
     Blend,
     Direct,
+    Frozen,
     JVPBlocks,
+    MultipleShooting,
+    Reproject,
     SDEdit,
     Shooting,
+    ShootingMPC,
     SwitchCache,
     stack_states,
     switch,
@@ -63,6 +73,7 @@ from rfmpc.inverse import (
     make_solver,
 )
 from rfmpc.inverse.cli import Prior, restore
+from rfmpc.inverse.hexagon import hexagon_field, load_hexagon_mlp, receding_horizon
 from rfmpc.models import load_transformer
 from rfmpc.pipeline import load_pipeline
 from weights_conversion.safetensors_io import WeightLoadError
@@ -454,6 +465,85 @@ def batch_of(tree, n):
     return jax.tree.map(lambda a: jnp.stack([a] * n), tree)
 
 
+# -- cached generation, controllers, hexagon, benchmark scripts (the newer entry points)
+def gen_call(*args, **kw):
+    """``CachedGenerator(pipe, MemoryCacheStore(), num_inference_steps=4)(*args, **kw)``."""
+
+    def prepare(c):
+        gen = CachedGenerator(c.pipe, MemoryCacheStore(), num_inference_steps=4)
+        return lambda: gen(*args, **kw)
+
+    return prepare
+
+
+def gen_make(**kw):
+    return lambda c: lambda: CachedGenerator(c.pipe, kw.pop("store", MemoryCacheStore()), **kw)
+
+
+def cache_dir_is_a_file(c):
+    (c.tmp / "cache").write_text("not a directory")
+    return lambda: CachedGenerator(c.pipe, DiskCacheStore(c.tmp / "cache"))
+
+
+def cache_disk_full(c):
+    """``ENOSPC`` while a miss writes its entry: a clear error, no entry, no temp files."""
+    store = c.cache()
+    gen = CachedGenerator(c.pipe, store, num_inference_steps=4)
+    real = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def go():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "fsync", full)
+            gen(["a red circle at the top left on a blue background"], seed=0)
+
+    del real
+    return go
+
+
+def entry_missing_step(c):
+    store = c.cache()
+    eid = store.put("a", POOLED, {2: STATE}, model_id="m", config_hash=CHASH)
+    return lambda: store.get(eid).state(5)
+
+
+def hexagon_bad_weights(c):
+    from rfmpc.io import save_safetensors
+
+    path = c.tmp / "w.safetensors"
+    save_safetensors(path, {"main.0.weight": np.zeros((4, 3), np.float32)})
+    return lambda: load_hexagon_mlp(path)
+
+
+def bench(name: str, *argv: str):
+    """``benchmarks/<name>.py``'s ``main(argv)`` (argparse errors exit 2 with a message)."""
+
+    def prepare(c):
+        import importlib.util
+
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+
+        def go():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                try:
+                    mod.main(list(argv))
+                except SystemExit as e:
+                    # argparse prints the (terminal-width dependent) usage first: keep the error
+                    last = err.getvalue().strip().splitlines()[-1:] or [""]
+                    raise CliExit(f"exit {e.code}: {last[0]}") from None
+
+        return go
+
+    return prepare
+
+
 # -- restore (images)
 def restore_image(name, size, mode="RGB", fill=128, **kw):
     def prepare(c):
@@ -733,6 +823,146 @@ TABLE: list[Bad] = [
         call(stack_states, [STATE, STATE.replace(x=jnp.zeros((1, 4, 4, 3)))]), ValueError,
         r"states\[1\]\.x is \(1, 4, 4, 3\) float32 but states\[0\]\.x is \(1, 8, 8, 3\) "
         r"float32: batch states of one model and resolution"),
+    # ------------------------------------------------------------------ cached generation
+    Bad("gen-empty-prompts", "cached", gen_call([]), ValueError,
+        r"prompts is empty: give at least one prompt"),
+    Bad("gen-prompt-not-str", "cached", gen_call([3]), TypeError,
+        r"every prompt must be a str, got int"),
+    Bad("gen-seed-count", "cached", gen_call(["a", "b"], seed=[1]), ValueError,
+        r"seed has 1 entries for 2 prompts: give one int or one seed per prompt"),
+    Bad("gen-seed-overflow", "cached", gen_call(["a"], seed=2**64), ValueError,
+        r"seed must lie in \[0, 2\*\*63\), got 18446744073709551616"),
+    Bad("gen-seed-negative", "cached", gen_call(["a"], seed=-1), ValueError,
+        r"seed must lie in \[0, 2\*\*63\), got -1"),
+    Bad("gen-seed-float", "cached", gen_call(["a"], seed=1.5), TypeError,
+        r"seed must be an int, got 1\.5"),
+    Bad("gen-output-type", "cached", gen_call(["a"], output_type="jpg"), ValueError,
+        r"output_type must be 'np', 'pil' or 'latent', got 'jpg'"),
+    Bad("gen-unknown-words-strict", "cached", gen_call(["a zebra eating pizza"], strict=True),
+        ValueError, r"outside the embedded model's vocabulary.*\['eating', 'pizza', 'zebra'\]"
+        r".*e\.g\. 'a red circle at the top left on a blue background'"),
+    Bad("gen-store-not-a-store", "cached", lambda c: lambda: CachedGenerator(c.pipe, "cache"),
+        TypeError, r"store must be a cache store \(DiskCacheStore or MemoryCacheStore\), got str"),
+    Bad("gen-controller-string", "cached", gen_make(controller="mpc"), TypeError,
+        r"controller must be a controller object such as MPC\(\) or Direct\(\), got 'mpc'"),
+    Bad("gen-policy-not-policy", "cached", gen_make(policy=0.9), TypeError,
+        r"policy must be a ResumePolicy, got float"),
+    Bad("gen-one-step", "cached", gen_make(num_inference_steps=1), ValueError,
+        r"num_inference_steps must be an int >= 2, got 1"),
+    Bad("gen-guidance-nan", "cached", gen_make(guidance_scale=NAN), ValueError,
+        r"guidance_scale must be a finite number >= 0, got nan"),
+    Bad("gen-store-step-equals-n", "cached", gen_make(num_inference_steps=8, store_steps=[8]),
+        ValueError, r"store_steps must be a non-empty list of steps in \[1, 7\], got \[8\]"),
+    Bad("gen-bad-bucket", "cached", gen_make(batch_buckets=(0, 4)), ValueError,
+        r"batch_buckets must be sizes >= 1, got \(0, 4\)"),
+    Bad("gen-cache-dir-is-a-file", "cached", cache_dir_is_a_file, FileNotFoundError,
+        r"cache directory .*/cache is not a directory", untouched=lambda c: c.tmp / "cache"),
+    Bad("gen-cache-disk-full", "cached", cache_disk_full, OSError,
+        r"cache directory .* is full \(No space left on device\) while writing entry "
+        r"[0-9a-f]{32}: free space, lower max_bytes or run `rfmpc cache clear`",
+        untouched=lambda c: c.tmp / "cache" / "blobs"),
+    Bad("cache-entry-missing-step", "cached", entry_missing_step, KeyError,
+        r"caches steps \(2,\), not 5"),
+    Bad("cli-generate-cache-controller", "cli",
+        run_cli("generate", "--prompt", "a red circle at the top left on a blue background",
+                "--controller", "mpc"), CliExit,
+        r"exit 2: .*--controller and --min-similarity need --cache DIR"),
+    Bad("cli-generate-min-similarity", "cli",
+        run_cli("generate", "--prompt", "a", "--cache", "/tmp/x", "--min-similarity", "1.5"),
+        CliExit, r"exit 2: .*--min-similarity must lie in \(-1, 1\], got 1\.5"),
+    Bad("cli-generate-seed-overflow", "cli",
+        run_cli("generate", "--prompt", "a", "--seed", "99999999999999999999"), CliExit,
+        r"exit 2: .*--seed must be an integer in \[0, 9223372036854775807\], got 9999"),
+    Bad("cli-generate-strict", "cli",
+        run_cli("generate", "--prompt", "a zebra eating pizza", "--strict"), CliExit,
+        r"exit 2: .*words outside the embedded model's vocabulary.*zebra"),
+    Bad("cli-generate-bad-controller", "cli",
+        run_cli("generate", "--prompt", "a", "--cache", "/tmp/x", "--controller", "pid"),
+        CliExit, r"(?s)exit 2: usage: .*argument --controller: invalid choice: 'pid'"),
+    # ------------------------------------------------------------------ controller options
+    Bad("blend-bad-mode", "control", call(Blend, mode="latent"), ValueError,
+        r"mode must be one of \('velocity', 'cond'\), got 'latent'"),
+    Bad("adaptive-thresholds-order", "control", call(Adaptive, text_thresholds=(0.9, 0.95)),
+        ValueError, r"text_thresholds must be two decreasing similarities in \[-1, 1\]"),
+    Bad("adaptive-zero-length", "control", call(Adaptive, lengths=(0, 1, 2)), ValueError,
+        r"lengths must be three ints >= 1, got \(0, 1, 2\)"),
+    Bad("reproject-zero-iters", "control", call(Reproject, iters=0), ValueError,
+        r"iters must be an int >= 1, got 0"),
+    Bad("sdedit-seed-type", "control", call(SDEdit, noise_seed="1"), TypeError,
+        r"noise_seed must be an int, got '1'"),
+    Bad("mpc-negative-decay", "control", call(MPC, decay=-0.1), ValueError,
+        r"decay must lie in \[0, 1\], got -0\.1"),
+    Bad("mpc-zero-box", "control", call(MPC, u_max=0.0), ValueError, r"u_max must be > 0, got 0"),
+    Bad("mpc-zero-control-steps", "control", call(MPC, control_steps=0), ValueError,
+        r"control_steps must be an int >= 1, got 0"),
+    Bad("mpc-linearisation-string", "control", call(MPC, linearisation="analytic"), TypeError,
+        r"linearisation must be Analytic\(\), Frozen\(\.\.\.\) or JVPBlocks\(\.\.\.\)"),
+    Bad("mpc-solver-string", "control", call(MPC, solver="lqr"), TypeError,
+        r"solver must be LQR\(\) or OSQP\(\.\.\.\), got 'lqr'"),
+    Bad("mpc-command-not-command", "control", call(MPC, command=MPC()), TypeError,
+        r"command must be Direct\(\), Blend\(\.\.\.\) or Adaptive\(\.\.\.\)"),
+    Bad("osqp-zero-tol", "control", call(OSQP, tol=0.0), ValueError, r"tol must be > 0, got 0"),
+    Bad("lqr-zero-kkt-tol", "control", call(LQR, kkt_tol=0.0), ValueError,
+        r"kkt_tol must be > 0, got 0"),
+    Bad("frozen-zero-probes", "control", call(Frozen, probes=0), ValueError,
+        r"probes must be an int >= 1, got 0"),
+    Bad("jvp-blocks-zero-stride", "control", call(JVPBlocks, stride=0), ValueError,
+        r"stride must be an int >= 1, got 0"),
+    Bad("shooting-zero-iters", "control", call(Shooting, max_iter=0), ValueError,
+        r"max_iter must be an int >= 1, got 0"),
+    Bad("shooting-negative-lr", "control", call(Shooting, learning_rate=-1.0), ValueError,
+        r"learning_rate and lr_final must be > 0"),
+    Bad("shooting-negative-weight", "control", call(Shooting, effort_weight=-1.0), ValueError,
+        r"effort_weight must be >= 0, got -1\.0"),
+    Bad("shooting-divergence-ratio", "control", call(Shooting, divergence_ratio=0.5),
+        ValueError, r"divergence_ratio must be > 1, got 0\.5"),
+    Bad("multiple-shooting-zero-segments", "control", call(MultipleShooting, num_segments=0),
+        ValueError, r"num_segments must be an int >= 1, got 0"),
+    Bad("shooting-mpc-zero-tol", "control", call(ShootingMPC, replan_tol=0.0), ValueError,
+        r"replan_tol must be > 0, got 0"),
+    Bad("shooting-mpc-wrong-parts", "control", call(ShootingMPC, shooting=MPC()), TypeError,
+        r"shooting must be a Shooting\(\) and mpc an MPC\(\)"),
+    Bad("switch-similarity-nan", "control",
+        call(switch, _velocity, STATE, COND_B, Adaptive(), similarity=NAN), ValueError,
+        r"similarity must be a cosine similarity in \[-1, 1\], got nan"),
+    Bad("switch-int-state", "control",
+        call(switch, _velocity, STATE.replace(x=jnp.zeros((1, 8, 8, 3), jnp.int32)), COND_B,
+             Direct()), TypeError, r"state_a\.x must be a floating-point latent, got dtype int32"),
+    Bad("switch-batch-similarity-size", "control",
+        lambda c: lambda: switch_batch(_velocity, stacked(), batch_of(COND_B, 2), Adaptive(),
+                                       similarity=jnp.ones(3)),
+        ValueError, r"similarity must be stacked with a leading axis of 2"),
+    Bad("switch-batch-velocity-shape", "control",
+        lambda c: lambda: switch_batch(_velocity, stacked(), batch_of(COND_B, 2), MPC(),
+                                       cached=SwitchCache(velocity=jnp.zeros((2, 1, 4, 4, 3)))),
+        ValueError, r"cached\.velocity has shape \(1, 4, 4, 3\); it must be v_A at the cached "
+        r"state"),
+    # ------------------------------------------------------------------ the hexagon experiment
+    Bad("hexagon-zero-k", "hexagon", call(receding_horizon, hexagon_field(), 0), ValueError,
+        r"k \(the horizon's Euler steps\) must be an int >= 1, got 0"),
+    Bad("hexagon-nan-start", "hexagon",
+        call(receding_horizon, hexagon_field(), 1, (NAN, 0.0)), ValueError,
+        r"x0 and target must be finite 2-D points"),
+    Bad("hexagon-target-shape", "hexagon",
+        call(receding_horizon, hexagon_field(), 1, (0.0, 0.0), (1.0, 2.0, 3.0)), ValueError,
+        r"x0 and target must be 2-D points, got shapes \(2,\) and \(3,\)"),
+    Bad("hexagon-zero-steps", "hexagon",
+        call(receding_horizon, hexagon_field(), 1, num_steps=0), ValueError,
+        r"num_steps must be an int >= 1, got 0"),
+    Bad("hexagon-wrong-weights", "hexagon", hexagon_bad_weights, ValueError,
+        r"is not the hexagon MLP: missing \['main\.0\.bias'"),
+    Bad("bench-hexagon-corner", "benchmarks", bench("mpcflow_hexagon", "--corner", "7"),
+        CliExit, r"exit 2: .*--corner must index one of the 6 corners \(-6\.\.5\), got 7"),
+    Bad("bench-hexagon-ks", "benchmarks", bench("mpcflow_hexagon", "--ks", "1,a"), CliExit,
+        r"exit 2: .*--ks must be comma-separated ints, got '1,a'"),
+    Bad("bench-hexagon-iters", "benchmarks", bench("mpcflow_hexagon", "--global-iters", "0"),
+        CliExit, r"exit 2: .*--global-iters, --steps and --iters must be >= 1"),
+    Bad("bench-switch-k", "benchmarks", bench("switch_quality", "--ks", "0,10"), CliExit,
+        r"exit 2: .*every k must lie in \(0, 28\)"),
+    Bad("bench-switch-seeds", "benchmarks", bench("switch_quality", "--seeds", "0"), CliExit,
+        r"exit 2: .*--seeds and --per-kind must be >= 1"),
+    Bad("bench-stream-n", "benchmarks", bench("cache_stream", "--n", "4", "--batch", "16"),
+        CliExit, r"exit 2: .*--n must be at least twice --batch"),
     # ------------------------------------------------------------------ inverse solvers
     Bad("solver-unknown-method", "inverse", call(make_solver, "magic"), ValueError,
         r"unknown method 'magic'; choose one of \['mpc-rhc'"),
@@ -796,7 +1026,7 @@ TABLE: list[Bad] = [
     Bad("cli-generate-zero-height", "cli", run_cli("generate", "--prompt", "a", "--height", "0"),
         CliExit, r"exit 2: .*height must be a positive number of pixels, got 0"),
     Bad("cli-generate-out-not-png", "cli", cli_generate_bad_out, CliExit,
-        r"exit 2: .*grid\.txt: the grid is written as a PNG; give a path ending in \.png", tmp),
+        r"exit 2: .*grid\.txt: images are written as PNG; give a path ending in \.png", tmp),
     Bad("cli-generate-steps-not-int", "cli",
         run_cli("generate", "--prompt", "a", "--steps", "abc"), CliExit,
         r"(?s)exit 2: usage: .*argument --steps: invalid int value: 'abc'"),
@@ -845,7 +1075,18 @@ def test_table_is_broad():
     ids = [row.id for row in TABLE]
     assert len(ids) == len(set(ids)) and len(TABLE) >= 45
     areas = {row.area for row in TABLE}
-    assert areas == {"flow", "pipeline", "weights", "cache", "control", "inverse", "cli"}
+    assert areas == {
+        "flow",
+        "pipeline",
+        "weights",
+        "cache",
+        "control",
+        "inverse",
+        "cli",
+        "cached",
+        "hexagon",
+        "benchmarks",
+    }
 
 
 def test_fixtures_are_good(ctx, tmp_path):
