@@ -28,8 +28,9 @@ Compared, each on the same stream:
 (d) the cache with each controller (the default is ``MPC()``).
 
 Reported per method: hit rate by request type, mean model calls per image (forwards; JVPs and
-VJPs apart), throughput (images / s over the whole stream, batched, compilation excluded by a
-warm-up stream), prompt fidelity (exact analyzer: every attribute right), PSNR / SSIM against
+VJPs apart), throughput (images / s over the whole stream, batched; the time spent tracing and
+compiling new batch shapes is measured with ``rfmpc.compilation.CompileStats`` and excluded),
+prompt fidelity (exact analyzer: every attribute right), PSNR / SSIM against
 the *uncached image of the same prompt and noise* (for a hit, the noise it actually used: the
 cached entry's seed; for everything else the requested seed), the cache's size on disk, and a
 PNG of quality against cost. ``--fit`` chooses the :class:`~rfmpc.cache.ResumePolicy` on the dev
@@ -119,8 +120,13 @@ def make_stream(split: str, kind: str, n: int, pool: int = 48) -> list[Request]:
 
 # ----------------------------------------------------------------------------- serving
 def serve(gen, stream: list[Request], batch: int, progress: str = "") -> dict:
-    """Serve ``stream`` in calls of ``batch``; records, latents and wall time."""
+    """Serve ``stream`` in calls of ``batch``; records, latents, wall time and the part of it
+    spent tracing and compiling (``rfmpc.compilation.CompileStats``)."""
+    from rfmpc.compilation import CompileStats
+
     recs, lats = [], []
+    stats = CompileStats()
+    stats.__enter__()
     t0 = time.perf_counter()
     for i in range(0, len(stream), batch):
         chunk = stream[i : i + batch]
@@ -129,7 +135,14 @@ def serve(gen, stream: list[Request], batch: int, progress: str = "") -> dict:
         lats.append(np.asarray(out.latents))
         if progress and (i // batch) % 8 == 0:
             print(f"  {progress}: {i + len(chunk)}/{len(stream)}", file=sys.stderr, flush=True)
-    return {"records": recs, "latents": np.concatenate(lats), "wall_s": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    stats.__exit__(None, None, None)
+    return {
+        "records": recs,
+        "latents": np.concatenate(lats),
+        "wall_s": wall,
+        "compile_s": stats.overhead_s,
+    }
 
 
 def generate(pipe, prompts, seeds, steps: int, batch: int = 32) -> np.ndarray:
@@ -231,7 +244,14 @@ class Runner:
         wall = time.perf_counter() - t0
         if steps == self.steps:
             self._ref_cache.update(zip(zip(self.prompts, seeds), lat))
-        run = {"latents": lat, "wall_s": wall, "bytes": 0, "entries": 0, "records": None}
+        run = {
+            "latents": lat,
+            "wall_s": wall,
+            "compile_s": 0.0,
+            "bytes": 0,
+            "entries": 0,
+            "records": None,
+        }
         run.update(score(self.pipe, lat, self.prompts, self.refs(seeds)))
         run["nfe"] = np.full(len(self.prompts), steps)
         return self.summary(label, run)
@@ -268,8 +288,9 @@ class Runner:
             "hits": kinds.count("hit") / n,
             "repeats": kinds.count("repeat") / n,
             "misses": kinds.count("miss") / n,
-            "throughput": n / run["wall_s"],
+            "throughput": n / max(run["wall_s"] - run["compile_s"], 1e-9),
             "wall_s": run["wall_s"],
+            "compile_s": run["compile_s"],
             "fidelity": _ci_mean(run["fidelity"]),
             "psnr": _ci_median(run["psnr"]),
             "ssim": _ci_median(run["ssim"]),

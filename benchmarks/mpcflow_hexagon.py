@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             "",
             f"- device: {dev.platform}; jax {jax.__version__}; date {stamp}; load {load:.2f}",
             f"- command: `python benchmarks/mpcflow_hexagon.py {' '.join(argv or sys.argv[1:])}`",
-            f"- x0 = {tuple(args.x0)}, corner {args.corner} = {tuple(np.round(target, 4))}, "
+            f"- x0 = {tuple(args.x0)}, corner {args.corner} = {np.round(target, 4).tolist()}, "
             f"{args.steps} Euler steps, objective 0.075/2 ||x_T - c||^2 + 0.001 sum ||u||^2 dt",
             "",
             "| run | terminal ||x_T - c||^2 | control sum ||u||^2 dt | x_T | wall s |",

@@ -105,6 +105,11 @@ def controllers() -> list[tuple[str, object]]:
 
 QUICK = ("direct", "reproject", "mpc", "shooting")
 
+#: Run pair by pair with ``switch`` instead of one ``switch_batch``: under ``vmap`` the re-plan
+#: branch of ShootingMPC runs on every step for every pair (``lax.cond`` becomes a select), which
+#: made the batched run ~20x slower than the per-pair loop; the results are the same.
+SEQUENTIAL = ("shooting-mpc",)
+
 
 # ----------------------------------------------------------------------------- pairs
 @dataclass(frozen=True)
@@ -284,9 +289,12 @@ def run_k(setup: Setup, k: int, rows: list, ratios: dict, timing: bool, timing_r
     single = {}
     for label, ctrl in rows:
         print(f"  k={k} {label}", file=sys.stderr, flush=True)
-        call = lambda c=ctrl: switch_batch(
-            setup.field, states, conds_b, c, similarity=sims, cached=cached
-        )
+        if label in SEQUENTIAL:
+            call = lambda c=ctrl: _per_pair(setup, states, conds_b, c, sims, cached)
+        else:
+            call = lambda c=ctrl: switch_batch(
+                setup.field, states, conds_b, c, similarity=sims, cached=cached
+            )
         _block(call().x)  # compile
         t0 = time.perf_counter()
         res = call()
@@ -336,6 +344,40 @@ def run_k(setup: Setup, k: int, rows: list, ratios: dict, timing: bool, timing_r
                 eq[key_].append(sc[key_][i * s : (i + 1) * s])
         rec.update({f"eq_{key_}": np.concatenate(v) for key_, v in eq.items()})
     return out
+
+
+@dataclass(frozen=True)
+class _Stacked:
+    """What ``run_k`` reads of a ``BatchSwitchResult``, from a loop of single switches."""
+
+    x: jax.Array
+    cost: object
+    results: list
+
+
+def _per_pair(setup, states, conds_b, ctrl, sims, cached) -> _Stacked:
+    from rfmpc.control import Cost
+
+    xs, costs, results = [], [], []
+    for i in range(len(setup.pairs)):
+        take = lambda a, i=i: a[i]
+        r = switch(
+            setup.field,
+            jax.tree.map(take, states),
+            jax.tree.map(take, conds_b),
+            ctrl,
+            similarity=float(sims[i]),
+            cached=jax.tree.map(take, cached),
+        )
+        xs.append(r.state.x)
+        costs.append(r.cost)
+        results.append(r.result)
+    cost = Cost(
+        forwards=jnp.asarray([c.forwards for c in costs]),
+        jvps=jnp.asarray([c.jvps for c in costs]),
+        vjps=jnp.asarray([c.vjps for c in costs]),
+    )
+    return _Stacked(jnp.stack(xs), cost, results)
 
 
 def time_controllers(setup: Setup, ks: list[int], rows: list, runs: int) -> list[dict]:
