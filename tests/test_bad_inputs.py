@@ -503,6 +503,43 @@ def cache_disk_full(c):
     return go
 
 
+def cache_dir_read_only(c):
+    """A directory the process may not write (``EACCES``; root ignores mode bits, so the
+    refusal is simulated where the store creates its blob folder)."""
+    real = Path.mkdir
+
+    def refuse(self, *a, **k):
+        if self.name == "blobs":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    def go():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Path, "mkdir", refuse)
+            DiskCacheStore(c.tmp / "ro")
+
+    return go
+
+
+def cache_read_only_on_put(c):
+    """The file system turned read-only (``EROFS``) after the store opened: the miss's write
+    fails with the fix and leaves no entry."""
+    import rfmpc.cache.disk as disk
+
+    store = c.cache()
+    gen = CachedGenerator(c.pipe, store, num_inference_steps=4)
+
+    def rofs(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def go():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(disk, "save_safetensors", rofs)
+            gen(["a red circle at the top left on a blue background"], seed=0)
+
+    return go
+
+
 def entry_missing_step(c):
     store = c.cache()
     eid = store.put("a", POOLED, {2: STATE}, model_id="m", config_hash=CHASH)
@@ -861,6 +898,12 @@ TABLE: list[Bad] = [
         r"cache directory .* is full \(No space left on device\) while writing entry "
         r"[0-9a-f]{32}: free space, lower max_bytes or run `rfmpc cache clear`",
         untouched=lambda c: c.tmp / "cache" / "blobs"),
+    Bad("gen-cache-dir-read-only", "cached", cache_dir_read_only, PermissionError,
+        r"cache directory .*/ro is not writable \(Permission denied\) while opening the cache: "
+        r".*fix its permissions or choose a writable directory \(CLI: --cache DIR\)"),
+    Bad("gen-cache-read-only-on-put", "cached", cache_read_only_on_put, PermissionError,
+        r"cache directory .* is not writable \(Read-only file system\) while writing entry "
+        r"[0-9a-f]{32}: .*nothing was written", untouched=lambda c: c.tmp / "cache" / "blobs"),
     Bad("cache-entry-missing-step", "cached", entry_missing_step, KeyError,
         r"caches steps \(2,\), not 5"),
     Bad("cli-generate-cache-controller", "cli",

@@ -58,6 +58,18 @@ from rfmpc.io import SafetensorsReadError, load_safetensors, save_safetensors
 
 __all__ = ["DiskCacheStore"]
 
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _not_writable(directory: Path, e: OSError, doing: str) -> PermissionError:
+    return PermissionError(
+        e.errno,
+        f"cache directory {directory} is not writable ({os.strerror(e.errno)}) while {doing}: "
+        "the cache keeps its index, lock and entries there; fix its permissions or choose a "
+        "writable directory (CLI: --cache DIR); nothing was written",
+    )
+
+
 _SCHEMA_VERSION = "1"
 _KEEP_CHANGES = 10_000  # change-log rows kept; a reader further behind rebuilds its index
 _SCHEMA = """
@@ -156,12 +168,17 @@ class DiskCacheStore(AbstractCacheStore):
         if not self.directory.is_dir():
             if self.directory.exists():
                 raise FileNotFoundError(f"cache directory {self.directory} is not a directory")
-            self.directory.mkdir(parents=True, exist_ok=True)
         self.blob_dir = self.directory / "blobs"
-        _refuse_symlinks(self.directory)
-        self.blob_dir.mkdir(exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _refuse_symlinks(self.directory)
+            self.blob_dir.mkdir(exist_ok=True)
+            self._lock_file = open(self.directory / ".lock", "a+b")
+        except OSError as e:
+            if e.errno in _NOT_WRITABLE:
+                raise _not_writable(self.directory, e, "opening the cache") from e
+            raise
         self._blob_root = self.blob_dir.resolve()
-        self._lock_file = open(self.directory / ".lock", "a+b")
         self._tlock = threading.RLock()
         self._lock_depth = 0
         self._conn: sqlite3.Connection | None = None
@@ -384,6 +401,8 @@ class DiskCacheStore(AbstractCacheStore):
                         f"writing entry {eid}: free space, lower max_bytes or run `rfmpc cache "
                         "clear`; nothing was written",
                     ) from e
+                if e.errno in _NOT_WRITABLE:
+                    raise _not_writable(self.directory, e, f"writing entry {eid}") from e
                 raise
             try:
                 sha, size = _sha256_file(path)
