@@ -8,7 +8,7 @@ the number of images; compile time reported apart), XLA's compiled scratch memor
 NFE and backprops through the model. Writes a markdown table and a PNG grid
 (measurement, each method, truth) with ``--save``.
 
-Priors (``--field``, see ``rfmpc.inverse.cli.provide_prior``):
+Priors (``--field``, see ``rfmpc.restore.provide_prior`` and ``benchmarks/_priors.py``):
   gmm         the exact isotropic Gaussian mixture over rendered training-split scenes
               (``rfmpc.inverse.priors.procedural_prior``): runs anywhere, no trained weights.
   embedded    the project's embedded default model (``rfmpc.pipeline.load_pipeline(None)``).
@@ -29,12 +29,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _priors import BENCH_PRIORS, bench_prior
 
 from rfmpc.inverse import METHODS, make_solver
-from rfmpc.inverse.cli import DEFAULT_NOISE, PRIORS, provide_prior
 from rfmpc.inverse.metrics import peak_memory, psnr, ssim, ssim_skimage, timed, to_unit
 from rfmpc.inverse.operators import TASKS, add_noise, make_operator
 from rfmpc.inverse.priors import heldout_images
+from rfmpc.restore import DEFAULT_NOISE
 
 PAPER_TASKS = ("inpaint-box", "inpaint-random", "deblur", "sr2", "denoise", "nonlinear-deblur")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -141,7 +142,7 @@ def grid_png(path, all_images, tasks, methods):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--field", choices=PRIORS, default="gmm")
+    p.add_argument("--field", choices=BENCH_PRIORS, default="gmm")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(PAPER_TASKS))
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--n-images", type=int, default=4)
@@ -150,7 +151,7 @@ def main(argv=None):
     p.add_argument("--save", action="store_true", help=f"write markdown/PNG/JSON to {RESULTS}")
     args = p.parse_args(argv)
 
-    prior = provide_prior(args.field)
+    prior = bench_prior(args.field)
     h, w, _ = prior.image_shape
     truth = heldout_images(args.n_images, resolution=h, seed=1000 + args.seed)
     dev = jax.devices()[0]

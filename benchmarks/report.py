@@ -86,7 +86,7 @@ class Profile:
     switch_k: int
     switch_methods: tuple[str, ...]
     switch_runs: int
-    inverse_prior: str  # rfmpc.inverse.cli.PRIORS
+    inverse_prior: str  # benchmarks/_priors.py BENCH_PRIORS
     inverse_task: str
     inverse_images: int
     inverse_methods: tuple[str, ...] | None  # None: every registered method

@@ -489,11 +489,11 @@ def _partial(rec: dict) -> None:
 
 def child_inverse(p, quick: bool, tmp: Path) -> dict:
     from rfmpc.inverse import METHODS
-    from rfmpc.inverse.cli import DEFAULT_NOISE, provide_prior
     from rfmpc.inverse.priors import heldout_images
+    from rfmpc.restore import DEFAULT_NOISE
 
     it = _bench_module("inverse_table")
-    prior = provide_prior(p.inverse_prior)
+    prior = _bench_module("_priors").bench_prior(p.inverse_prior)
     h = prior.image_shape[0]
     truth = heldout_images(p.inverse_images, resolution=h, seed=1000)
     methods = list(p.inverse_methods or METHODS)

@@ -127,9 +127,10 @@ def _demo_switch(pipe, out: Path, steps: int, seed: int) -> dict:
 
 
 def _demo_restore(pipe, out: Path, seed: int) -> dict:
-    from rfmpc.inverse.cli import prior_from_pipeline, restore
+    from rfmpc.cli.restore import restore_files
+    from rfmpc.restore import prior_from_pipeline
 
-    rec = restore(
+    rec = restore_files(
         prior_from_pipeline(pipe),
         task="inpaint-box",
         method="mpc-k1",

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import rfmpc.inverse.cli as inverse_cli
 import rfmpc.pipeline as pipeline_mod
+import rfmpc.restore as restore_mod
 from rfmpc.cache import (
     CacheEntryError,
     CacheIndexError,
@@ -42,6 +42,7 @@ from rfmpc.cache import (
 )
 from rfmpc.cached import CachedGenerator
 from rfmpc.cli import main
+from rfmpc.cli.restore import restore_files
 from rfmpc.control import (
     LQR,
     MPC,
@@ -72,10 +73,10 @@ from rfmpc.inverse import (
     make_operator,
     make_solver,
 )
-from rfmpc.inverse.cli import Prior, restore
 from rfmpc.inverse.hexagon import hexagon_field, load_hexagon_mlp, receding_horizon
 from rfmpc.models import load_transformer
 from rfmpc.pipeline import load_pipeline
+from rfmpc.restore import Prior, restore
 from weights_conversion.safetensors_io import WeightLoadError
 
 NAN = float("nan")
@@ -218,7 +219,7 @@ def ctx(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline_mod, "load_pipeline", shared_load)
-        mp.setattr(inverse_cli, "provide_prior", lambda name="embedded": prior)
+        mp.setattr(restore_mod, "provide_prior", lambda name="embedded": prior)
         c.prior = prior
         yield c
 
@@ -586,7 +587,9 @@ def restore_image(name, size, mode="RGB", fill=128, **kw):
     def prepare(c):
         path = c.image(name, size, mode, fill)
         out = str(c.tmp / "strip.png")
-        return lambda: restore(c.prior, task="denoise", method="mpc-k1", image=path, out=out, **kw)
+        return lambda: restore_files(
+            c.prior, task="denoise", method="mpc-k1", image=path, out=out, **kw
+        )
 
     return prepare
 
@@ -594,7 +597,7 @@ def restore_image(name, size, mode="RGB", fill=128, **kw):
 def restore_garbage_image(c):
     path = c.tmp / "photo.png"
     path.write_text("definitely not a PNG")
-    return lambda: restore(c.prior, task="denoise", method="mpc-k1", image=str(path))
+    return lambda: restore_files(c.prior, task="denoise", method="mpc-k1", image=str(path))
 
 
 def cli_restore_image(name, size, mode, fill=0):
@@ -1045,8 +1048,8 @@ TABLE: list[Bad] = [
     Bad("operator-unknown-task", "inverse", call(make_operator, "paint", (8, 8, 3)),
         ValueError, r"unknown task 'paint'; choose one of \['inpaint-box'"),
     Bad("restore-unknown-task", "inverse",
-        lambda c: lambda: restore(c.prior, task="bogus", method="mpc-k1",
-                                  out=str(c.tmp / "s.png")),
+        lambda c: lambda: restore_files(c.prior, task="bogus", method="mpc-k1",
+                                        out=str(c.tmp / "s.png")),
         ValueError, r"unknown task 'bogus'; choose one of \['inpaint-box'", tmp),
     Bad("restore-image-wrong-aspect", "inverse", restore_image("wide.png", (48, 32)),
         ValueError, r"is 48x32 \(width x height\) but the model works on 32x32 images; .*crop "
@@ -1059,6 +1062,11 @@ TABLE: list[Bad] = [
     Bad("restore-negative-noise", "inverse",
         lambda c: lambda: restore(c.prior, task="denoise", method="mpc-k1", noise=-1.0),
         ValueError, r"--noise must be > 0, got -1\.0"),
+    Bad("restore-truth-wrong-shape", "inverse",
+        lambda c: lambda: restore(c.prior, task="denoise", method="mpc-k1",
+                                  truth=np.zeros((1, 16, 16, 3), np.float32)),
+        ValueError, r"truth has shape \(1, 16, 16, 3\); the prior works on \(1, 32, 32, 3\).*"
+        r"resize or crop it first"),
     # ------------------------------------------------------------------ command line
     Bad("cli-generate-zero-steps", "cli", run_cli("generate", "--prompt", "a", "--steps", "0"),
         CliExit, r"exit 2: rfmpc generate: error: num_inference_steps must be an int >= 1, "

@@ -91,18 +91,25 @@ def test_isotropic_mixture_is_the_gmm_velocity(getkey):
     assert abs(float(spread) - 0.3) < 0.02
 
 
-def test_restore_cli_json_contract(tmp_path, capsys):
+def test_restore_cli_json_contract(tmp_path, capsys, monkeypatch):
     """`restore` through a real Pipeline (tiny random MM-DiT, adapted by prior_from_pipeline):
     MPC-Flow backpropagates through the network; the JSON has the contract's keys."""
     pytest.importorskip("rfmpc.data")
     pytest.importorskip("rfmpc.pipeline")
+    from _models import tiny_mmdit_prior
+
+    import rfmpc.restore
     from rfmpc.cli.restore import add_restore_parser
+
+    # the command line offers trained priors only; hand it the tests' random MM-DiT instead
+    tiny = tiny_mmdit_prior()
+    monkeypatch.setattr(rfmpc.restore, "provide_prior", lambda name: tiny)
 
     p = argparse.ArgumentParser()
     add_restore_parser(p.add_subparsers(dest="command"))
     out = tmp_path / "strip.png"
     prompt = "a red circle at the top left on a blue background"
-    argv = "restore --task sr4 --method mpc-rhc --prior tiny-mmdit --seed 3 --json".split()
+    argv = "restore --task sr4 --method mpc-rhc --prior gmm --seed 3 --json".split()
     args = p.parse_args([*argv, "--prompt", prompt, "--out", str(out)])
     assert args.func(args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

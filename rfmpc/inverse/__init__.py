@@ -18,30 +18,36 @@ from rfmpc.inverse.baselines import DFlow, FlowChef, FlowGrad, OCFlow, PnPFlow
 from rfmpc.inverse.metrics import peak_memory, psnr, ssim, ssim_skimage, timed, to_unit
 from rfmpc.inverse.mpc_flow import MPCFlow, mpc_dt, mpc_k1, mpc_rhc
 from rfmpc.inverse.operators import (
+    PNP_FLOW_TASKS,
     TASKS,
     AbstractOperator,
     AveragePool,
+    Decimation,
     GaussianBlur,
     Identity,
     Inpainting,
     MatrixOperator,
     SaturatedBlur,
+    TaskPreset,
     add_noise,
     box_inpainting,
     make_operator,
     random_inpainting,
+    task_preset,
 )
 from rfmpc.inverse.priors import IsotropicMixtureField, procedural_prior
 from rfmpc.inverse.registry import METHODS, make_solver
 
 __all__ = [
     "METHODS",
+    "PNP_FLOW_TASKS",
     "TASKS",
     "AbstractInverseSolver",
     "AbstractOperator",
     "AveragePool",
     "CompiledSolve",
     "DFlow",
+    "Decimation",
     "FlowChef",
     "FlowGrad",
     "GaussianBlur",
@@ -56,6 +62,7 @@ __all__ = [
     "PnPFlow",
     "RestoreResult",
     "SaturatedBlur",
+    "TaskPreset",
     "add_noise",
     "box_inpainting",
     "euler_rollout",
@@ -71,6 +78,7 @@ __all__ = [
     "random_inpainting",
     "ssim",
     "ssim_skimage",
+    "task_preset",
     "timed",
     "to_unit",
 ]

@@ -18,6 +18,9 @@ operator               definition
                        *periodic*: light leaving the right edge re-enters on the left).
 :class:`AveragePool`   super-resolution: ``f x f`` average pooling (``h``, ``w`` divisible
                        by ``f``); the adjoint is nearest upsampling divided by ``f**2``.
+:class:`Decimation`    super-resolution as PnP-Flow poses it: keep the top-left pixel of each
+                       ``f x f`` block, ``y = x[:, ::f, ::f]`` (no anti-aliasing filter); the
+                       adjoint puts ``y`` back on the kept pixels and zeros elsewhere.
 :class:`Identity`      denoising.
 :class:`SaturatedBlur` the non-linear blur ``y = tanh(g * B x) / tanh(g)``: the Gaussian blur
                        followed by a smooth saturation of gain ``g`` (maps ``[-1, 1]`` onto
@@ -27,12 +30,15 @@ operator               definition
 =====================  =====================================================================
 
 :func:`add_noise` draws ``y = A(x) + noise_std * N(0, I)``; :func:`make_operator` builds the
-operator of a benchmark task by name (:data:`TASKS`).
+operator of a benchmark task by name (:data:`TASKS`) with this project's original settings;
+:func:`task_preset` builds the tasks of :data:`PNP_FLOW_TASKS` at PnP-Flow's conventions
+(Martin et al., ICLR 2025, CelebA 128x128), scaled to the image size (``docs/mpcflow.md``).
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from typing import ClassVar
 
@@ -43,19 +49,23 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 __all__ = [
+    "PNP_FLOW_TASKS",
     "TASKS",
     "AbstractOperator",
     "AveragePool",
+    "Decimation",
     "GaussianBlur",
     "Identity",
     "Inpainting",
     "MatrixOperator",
     "SaturatedBlur",
+    "TaskPreset",
     "add_noise",
     "box_inpainting",
     "gaussian_kernel",
     "make_operator",
     "random_inpainting",
+    "task_preset",
 ]
 
 #: Benchmark task names (the CLI's ``--task``).
@@ -311,6 +321,46 @@ class AveragePool(AbstractOperator):
         return self._up(y)
 
 
+class Decimation(AbstractOperator):
+    """Super-resolution by bare decimation: ``y = x[:, ::f, ::f]`` (the top-left pixel of each
+    ``f x f`` block; no low-pass filter, so high frequencies alias).
+
+    ``(b, h, w, c) -> (b, h / f, w / f, c)``. This is PnP-Flow's ``Superresolution(sf)`` and
+    deepinv's ``Downsampling(factor=f, filter=None)``. The adjoint is zero-filling upsampling
+    (``y`` on the kept pixels, 0 elsewhere), so ``A A^T = I``.
+    """
+
+    factor: int = eqx.field(static=True)
+    is_linear: ClassVar[bool] = True
+
+    def __init__(self, factor: int):
+        if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        self.factor = int(factor)
+
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b hl wl c"]:
+        _check_nhwc(x)
+        h, w, f = x.shape[1], x.shape[2], self.factor
+        if h % f or w % f:
+            raise ValueError(f"image size {h}x{w} is not divisible by the SR factor {f}")
+        return x[:, ::f, ::f, :]
+
+    def adjoint(self, y: Float[Array, "b hl wl c"]) -> Float[Array, "b h w c"]:
+        _check_nhwc(y, "y")
+        b, h, w, c = y.shape
+        f = self.factor
+        z = jnp.zeros((b, h, f, w, f, c), y.dtype).at[:, :, 0, :, 0, :].set(y)
+        return z.reshape(b, h * f, w * f, c)
+
+    def input_shape(self, y_shape):
+        b, h, w, c = y_shape
+        return (b, h * self.factor, w * self.factor, c)
+
+    def display(self, y):
+        f = self.factor
+        return jnp.repeat(jnp.repeat(y, f, axis=1), f, axis=2)
+
+
 class Identity(AbstractOperator):
     """Denoising: ``A = I``."""
 
@@ -406,3 +456,106 @@ def make_operator(
     if task == "nonlinear-deblur":
         return SaturatedBlur(GaussianBlur((h, w), kernel_size, blur_sigma), gain)
     raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+
+
+# ------------------------------------------------------------------------------ PnP-Flow presets
+
+#: The image tasks of PnP-Flow (Martin et al., ICLR 2025) that :func:`task_preset` builds.
+PNP_FLOW_TASKS = ("denoise", "deblur", "sr2", "inpaint-random", "inpaint-box")
+#: The resolution PnP-Flow's CelebA conventions are stated at.
+PNP_FLOW_RESOLUTION = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPreset:
+    """A task at a stated convention: the operator, the noise std and where they come from.
+
+    ``noise_std`` is in model units (images in ``[-1, 1]``, as PnP-Flow's CelebA images after
+    ``Normalize(0.5, 0.5)``); ``params`` lists the operator's parameters at this image size
+    (JSON-ready); ``reference`` states the published setting they were scaled from.
+    """
+
+    task: str
+    operator: AbstractOperator
+    noise_std: float
+    params: dict
+    reference: str
+
+
+def _odd_at_most(n: int) -> int:
+    return n if n % 2 else n - 1
+
+
+def task_preset(
+    task: str, image_shape: tuple[int, ...], key: PRNGKeyArray | None = None
+) -> TaskPreset:
+    """The PnP-Flow task ``task`` (one of :data:`PNP_FLOW_TASKS`) on ``(h, w[, c])`` images.
+
+    PnP-Flow's CelebA 128x128 settings (Gaussian noise of std ``s`` on ``[-1, 1]`` images,
+    ``y = A x + s n``) and how they are scaled to ``h x w`` (``r = h / 128``):
+
+    - ``denoise``: ``A = I``, ``s = 0.2``.
+    - ``deblur``: circular (FFT) convolution with a normalised Gaussian of std 1.0 pixel on a
+      61x61 support, ``s = 0.05``. The std stays 1.0 *pixel* (scaled by ``r`` it would be 0.25
+      px at 32x32, where the kernel's centre tap is 0.9987: no blur at all); the support is
+      clipped to the largest odd size within the image (taps beyond 5 std are below 4e-6).
+    - ``sr2``: decimation by 2, ``y = x[::2, ::2]`` (PnP-Flow's ``Superresolution`` with
+      ``mode=None``; no anti-aliasing filter), ``s = 0.05``. The factor stays 2.
+    - ``inpaint-random``: each pixel (all channels) missing with probability 0.7, ``s = 0.01``;
+      needs ``key`` for the mask (PnP-Flow uses NumPy seed 42; the mask differs, its law not).
+    - ``inpaint-box``: a centred square of half-size ``round(20 r)`` missing (rows and columns
+      ``h//2 - hs`` to ``h//2 + hs - 1``; 40x40 at 128, 10x10 at 32), ``s = 0.05``.
+    """
+    if task not in PNP_FLOW_TASKS:
+        raise ValueError(
+            f"unknown PnP-Flow task {task!r}; choose one of {list(PNP_FLOW_TASKS)} "
+            "(other tasks: make_operator)"
+        )
+    if len(image_shape) not in (2, 3):
+        raise ValueError(f"image_shape must be (h, w) or (h, w, c), got {tuple(image_shape)}")
+    h, w = int(image_shape[0]), int(image_shape[1])
+    if h < 2 or w < 2:
+        raise ValueError(f"image_shape {tuple(image_shape)} is too small for PnP-Flow tasks")
+    ref = "PnP-Flow (Martin et al., ICLR 2025), CelebA 128x128"
+    if task == "denoise":
+        return TaskPreset(task, Identity(), 0.2, {}, f"{ref}: Gaussian denoising, sigma 0.2")
+    if task == "deblur":
+        k = min(61, _odd_at_most(min(h, w)))
+        op = GaussianBlur((h, w), k, 1.0)
+        return TaskPreset(
+            task,
+            op,
+            0.05,
+            {"blur_sigma_px": 1.0, "kernel_size": k, "boundary": "circular"},
+            f"{ref}: Gaussian blur std 1.0 px, 61x61, FFT (circular), sigma 0.05",
+        )
+    if task == "sr2":
+        if h % 2 or w % 2:
+            raise ValueError(f"sr2 needs an even image size, got {h}x{w}")
+        return TaskPreset(
+            task,
+            Decimation(2),
+            0.05,
+            {"factor": 2, "filter": None},
+            f"{ref}: SR x2 by decimation x[::2, ::2], sigma 0.05",
+        )
+    if task == "inpaint-random":
+        if key is None:
+            raise ValueError("task 'inpaint-random' needs key= for its random mask")
+        return TaskPreset(
+            task,
+            random_inpainting(key, (h, w), 0.7),
+            0.01,
+            {"missing": 0.7},
+            f"{ref}: random inpainting, 70% of pixels missing, sigma 0.01",
+        )
+    hs_h = max(1, round(20 * h / PNP_FLOW_RESOLUTION))
+    hs_w = max(1, round(20 * w / PNP_FLOW_RESOLUTION))
+    box = (h // 2 - hs_h, w // 2 - hs_w, 2 * hs_h, 2 * hs_w)
+    return TaskPreset(
+        task,
+        box_inpainting((h, w), box),
+        0.05,
+        {"box": list(box), "half_size": [hs_h, hs_w]},
+        f"{ref}: centred 40x40 box (half-size 20), sigma 0.05",
+    )
