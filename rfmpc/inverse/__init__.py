@@ -15,7 +15,16 @@ from rfmpc.inverse._common import (
     minimize,
 )
 from rfmpc.inverse.baselines import DFlow, FlowChef, FlowGrad, OCFlow, PnPFlow
-from rfmpc.inverse.metrics import peak_memory, psnr, ssim, ssim_skimage, timed, to_unit
+from rfmpc.inverse.metrics import (
+    bootstrap_ci,
+    forward_equivalents,
+    peak_memory,
+    psnr,
+    ssim,
+    ssim_skimage,
+    timed,
+    to_unit,
+)
 from rfmpc.inverse.mpc_flow import MPCFlow, mpc_dt, mpc_k1, mpc_rhc
 from rfmpc.inverse.operators import (
     PNP_FLOW_TASKS,
@@ -35,11 +44,13 @@ from rfmpc.inverse.operators import (
     random_inpainting,
     task_preset,
 )
+from rfmpc.inverse.paper import PAPER_METHODS, paper_solver
 from rfmpc.inverse.priors import IsotropicMixtureField, procedural_prior
 from rfmpc.inverse.registry import METHODS, make_solver
 
 __all__ = [
     "METHODS",
+    "PAPER_METHODS",
     "PNP_FLOW_TASKS",
     "TASKS",
     "AbstractInverseSolver",
@@ -64,14 +75,17 @@ __all__ = [
     "SaturatedBlur",
     "TaskPreset",
     "add_noise",
+    "bootstrap_ci",
     "box_inpainting",
     "euler_rollout",
+    "forward_equivalents",
     "make_operator",
     "make_solver",
     "minimize",
     "mpc_dt",
     "mpc_k1",
     "mpc_rhc",
+    "paper_solver",
     "peak_memory",
     "procedural_prior",
     "psnr",
