@@ -53,6 +53,7 @@ def pipe():
 def test_streams_keep_provenance_consistent(pipe, tmp_path_factory, ops):
     d = tmp_path_factory.mktemp("stream")
     store = DiskCacheStore(d, max_entries=5)
+    served: dict[tuple[str, int], np.ndarray] = {}  # the last image served per (prompt, seed)
     try:
         for op, a, b in ops:
             if op == "reopen":
@@ -78,7 +79,7 @@ def test_streams_keep_provenance_consistent(pipe, tmp_path_factory, ops):
                 out = gen(prompts, seed=b)
             assert np.isfinite(out.images).all()
             assert len(out.records) == len(prompts)
-            for p, rec in zip(prompts, out.records):
+            for p, rec, img in zip(prompts, out.records, out.latents):
                 assert rec.prompt == p and rec.seed == b
                 if rec.kind == "miss":
                     assert rec.nfe == N and rec.entry_id is None and rec.stored is not None
@@ -91,6 +92,9 @@ def test_streams_keep_provenance_consistent(pipe, tmp_path_factory, ops):
                     assert rec.nfe == N - rec.resume_step  # MPC with v_A from the entry
                 else:
                     assert rec.kind == "repeat" and rec.nfe == 0
+                    # a repeat returns what was served for this prompt and seed, bit for bit
+                    np.testing.assert_array_equal(np.asarray(img), served[(p, b)])
+                served[(p, b)] = np.asarray(img)
             assert len(store) <= 5
     finally:
         store.close()
