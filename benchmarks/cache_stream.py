@@ -34,7 +34,7 @@ prompt fidelity (exact analyzer: every attribute right), PSNR / SSIM against
 the *uncached image of the same prompt and noise* (for a hit, the noise it actually used: the
 cached entry's seed; for everything else the requested seed), the cache's size on disk, and a
 PNG of quality against cost. ``--fit`` chooses the :class:`~rfmpc.cache.ResumePolicy` on the dev
-stream (the fewest model calls with fidelity within 0.5 points of no cache and median PSNR at
+stream (the fewest model calls with fidelity within 1 point of no cache and median PSNR at
 least 2.5 dB above the equal-cost baseline); the threshold curve is measured on the held-out
 no-repeat stream.
 
@@ -276,9 +276,12 @@ class Runner:
                 }
             fallbacks = sum(r.fallback for r in recs)
             hit_rows = [i for i, k in enumerate(kinds) if k == "hit"]
+            # a hit on an entry of the *same* prompt (another seed) continues that prompt's own
+            # trajectory: near-identical to its uncached image whatever the controller does
+            cross_rows = [i for i in hit_rows if recs[i].cached_prompt != recs[i].prompt]
         else:
             nfe, jv, vj = run["nfe"], np.zeros(n), np.zeros(n)
-            kinds, by_type, fallbacks, hit_rows = ["miss"] * n, {}, 0, []
+            kinds, by_type, fallbacks, hit_rows, cross_rows = ["miss"] * n, {}, 0, [], []
         return {
             "method": label,
             "n": n,
@@ -301,6 +304,10 @@ class Runner:
             "hit_psnr": _ci_median(run["psnr"][hit_rows]) if hit_rows else None,
             "hit_fidelity": _ci_mean(run["fidelity"][hit_rows]) if hit_rows else None,
             "_hit_rows": hit_rows,
+            "cross_hits": len(cross_rows) / n,
+            "cross_hit_psnr": _ci_median(run["psnr"][cross_rows]) if cross_rows else None,
+            "cross_hit_fidelity": _ci_mean(run["fidelity"][cross_rows]) if cross_rows else None,
+            "_cross_rows": cross_rows,
             "_fidelity": run["fidelity"].tolist(),
             "_seeds_used": run.get("seeds_used"),
             "_psnr": run["psnr"].tolist(),
@@ -316,18 +323,24 @@ def table(rows: list[dict], nocache: dict) -> str:
     lines = [
         "| method | calls / image (x no cache) | JVP / VJP per image | hits | repeats | "
         "images / s | fidelity | PSNR vs uncached | SSIM | PSNR on the hits | fidelity on the "
-        "hits | cache MB | fallbacks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "hits | hits on another prompt: share, PSNR, fidelity | cache MB | fallbacks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hp = _ci(r["hit_psnr"]) if r.get("hit_psnr") else "-"
         hf = _ci(r["hit_fidelity"], "{:.3f}") if r.get("hit_fidelity") else "-"
+        cp = (
+            f"{100 * r.get('cross_hits', 0):.0f}%, {_ci(r['cross_hit_psnr'])}, "
+            f"{_ci(r['cross_hit_fidelity'], '{:.3f}')}"
+            if r.get("cross_hit_psnr")
+            else "-"
+        )
         lines.append(
             f"| {r['method']} | {r['mean_nfe']:.1f} ({r['mean_nfe'] / nocache['mean_nfe']:.2f}x) "
             f"| {r['mean_jvps']:.1f} / {r['mean_vjps']:.1f} | {100 * r['hits']:.0f}% | "
             f"{100 * r['repeats']:.0f}% | {r['throughput']:.2f} | "
             f"{_ci(r['fidelity'], '{:.3f}')} | {_ci(r['psnr'])} | {_ci(r['ssim'], '{:.3f}')} | "
-            f"{hp} | {hf} | {r['bytes'] / 1e6:.1f} | {r['fallbacks']} |"
+            f"{hp} | {hf} | {cp} | {r['bytes'] / 1e6:.1f} | {r['fallbacks']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -528,6 +541,11 @@ def main(argv=None) -> int:
     ap.add_argument("--thresholds", default="0.80,0.85,0.90,0.95,0.98")
     ap.add_argument("--model", default=None, help="diffusers SD3 folder (default: embedded)")
     ap.add_argument("--fit", action="store_true", help="fit the policy on the dev stream")
+    ap.add_argument(
+        "--fit-points",
+        default=None,
+        help="comma-separated indices into FIT_GRID to try with --fit (default: all)",
+    )
     ap.add_argument("--faults", action="store_true")
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--fault-n", type=int, default=64)
@@ -544,6 +562,15 @@ def main(argv=None) -> int:
         return child(args)
     if args.n < 2 * args.batch:
         ap.error("--n must be at least twice --batch")
+    grid = FIT_GRID
+    if args.fit_points is not None:
+        try:
+            grid = [FIT_GRID[int(i)] for i in args.fit_points.split(",")]
+        except (ValueError, IndexError):
+            ap.error(
+                f"--fit-points must be comma-separated indices in 0..{len(FIT_GRID) - 1}, "
+                f"got {args.fit_points!r}"
+            )
     from rfmpc.cache import ResumePolicy
     from rfmpc.control import MPC
     from rfmpc.pipeline import load_pipeline
@@ -570,7 +597,7 @@ def main(argv=None) -> int:
         run = Runner(pipe, stream, args.steps, args.batch)
         nocache = run.uncached(args.steps, [r.seed for r in stream], "no cache")
         rows = []
-        for th, fr in FIT_GRID:
+        for th, fr in grid:
             pol = ResumePolicy(thresholds=th, fractions=fr)
             r = run.cached(MPC(), pol, f"mpc {th} {fr}")
             n_eq = max(1, round(r["mean_nfe"]))
@@ -578,7 +605,7 @@ def main(argv=None) -> int:
             r["eq_psnr"] = eq["psnr"]
             r["eq_psnr_gap"] = float(np.median(np.array(r["_psnr"]) - np.array(eq["_psnr"])))
             r["ok"] = (
-                r["fidelity"][0] >= nocache["fidelity"][0] - 0.005
+                r["fidelity"][0] >= nocache["fidelity"][0] - 0.01
                 and r["psnr"][0] >= eq["psnr"][0] + 2.5
             )
             r["policy"] = {"thresholds": th, "fractions": fr}
@@ -588,8 +615,13 @@ def main(argv=None) -> int:
                 f"psnr {r['psnr'][0]:.1f} eq {eq['psnr'][0]:.1f} ok {r['ok']}",
                 file=sys.stderr,
             )
-        ok = [r for r in rows if r["ok"]] or rows
-        best = min(ok, key=lambda r: r["mean_nfe"])
+        ok = [r for r in rows if r["ok"]]
+        # none qualifies: keep the candidate that loses the least fidelity, never the cheapest
+        best = (
+            min(ok, key=lambda r: r["mean_nfe"])
+            if ok
+            else max(rows, key=lambda r: r["fidelity"][0])
+        )
         md = (
             f"## cache_stream policy fit (dev no-repeat stream, {args.n} requests, MPC())\n\n"
             f"{header}- no cache: fidelity {nocache['fidelity'][0]:.3f}\n\n"
@@ -601,7 +633,9 @@ def main(argv=None) -> int:
                 f"{r['eq_psnr'][0]:.1f} | {r['ok']} |"
                 for r in rows
             )
-            + f"\n\nchosen: {best['policy']}\n"
+            + f"\n\nchosen: {best['policy']}"
+            + ("" if ok else " (no candidate qualified: the one with the highest fidelity)")
+            + "\n"
         )
         print(md)
         if args.save:
@@ -637,6 +671,14 @@ def main(argv=None) -> int:
         if hr:  # the equal-cost baseline on the images the reference controller served as hits
             eq["hit_psnr"] = _ci_median(np.array(eq["_psnr"])[hr])
             eq["hit_fidelity"] = _ci_mean(np.array(eq["_fidelity"])[hr])
+        cr = ref["_cross_rows"]
+        if cr:  # ... and on its hits on another prompt's entry
+            eq["cross_hits"] = ref["cross_hits"]  # measured on the same images
+            eq["cross_hit_psnr"] = _ci_median(np.array(eq["_psnr"])[cr])
+            eq["cross_hit_fidelity"] = _ci_mean(np.array(eq["_fidelity"])[cr])
+            ref["cross_gap_vs_equal"] = _ci_median(
+                np.array(ref["_psnr"])[cr] - np.array(eq["_psnr"])[cr]
+            )
             ref["hit_gap_vs_equal"] = _ci_median(
                 np.array(ref["_psnr"])[hr] - np.array(eq["_psnr"])[hr]
             )
