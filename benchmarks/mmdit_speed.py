@@ -1,22 +1,27 @@
-"""rfmpc MM-DiT forward vs diffusers' ``SD3Transformer2DModel`` forward, same config, same device.
+"""MM-DiT forward and full small generation: rfmpc vs diffusers (eager, ``torch.compile``) and
+keras-hub's JAX ``MMDiT``, in one run, interleaved.
 
-    python benchmarks/mmdit_speed.py                        # CPU, small config, fp32
-    python benchmarks/mmdit_speed.py --config tiny-gpu-path # the GPU code path (bf16) at toy size
-    python benchmarks/mmdit_speed.py --config sd3-medium    # GPU: 1024^2 (128x128x16 latent), bf16
-    python benchmarks/mmdit_speed.py --config sd35-large --json --save
+    python benchmarks/mmdit_speed.py                      # the bar case (below), every engine
+    python benchmarks/mmdit_speed.py --save               # write benchmarks/results/ (idle only)
+    python benchmarks/mmdit_speed.py --baseline-rfmpc ../main --engines rfmpc --no-generation
 
-Both models run in one process, one after the other, on the same inputs: diffusers in eager
-PyTorch (``torch.inference_mode``, SDPA attention), rfmpc through ``load_transformer``'s jitted
-forward. Warm-up (rfmpc: trace + XLA compile + first run; diffusers: first run) is reported
-separately from the steady state (median of ``--runs`` timed calls, each synchronised with
-``block_until_ready`` / ``torch.cuda.synchronize``). On the small configs both share the same
-random weights (saved by diffusers, loaded by rfmpc) and the output agreement is printed; the
-real configs use independent random weights (speed does not depend on the values, and an 8B
-checkpoint round trip through disk would dominate the run).
+The bar case (``--case bar``, issue 18): SD3.5-style small MM-DiT, 4 layers, 4 heads x 32, RMS
+QK-norm, dual attention in blocks 0-1, 32x32x16 latent, 32 text tokens, batch 2, float32.
 
-MFU = analytic matmul FLOPs (:func:`mmdit_forward_flops`) / steady-state time / device peak
-(:data:`PEAK_FLOPS`, dense bf16). Results go to stdout, ``--json`` prints a JSON record, and
-``--save`` writes ``benchmarks/results/<date>-<device>-mmdit_speed.{json,md}``.
+How it measures (see :func:`run_all`): every engine runs in its own worker process, built and
+warmed up once (warm-up = first call: XLA / inductor compilation included), then all are timed
+round-robin, ``--per-turn`` calls per turn, until each has ``--runs`` calls (median and min
+reported). rfmpc and diffusers share random weights (saved by diffusers, loaded by rfmpc) and
+their outputs are compared; keras-hub (optional: the ``peers`` extra, or ``--peers-python``
+pointing at an interpreter that has it) builds the same config with its own random weights.
+Thread counts and the 1-min load average (start, end) are recorded; ``--save`` refuses to write
+a result while the load is above 1.5 per core, unless ``--force``, which marks the file LOADED.
+CPU MFU is computed only against a peak measured in the same run (a 2048^2 float32 ``jnp.dot``
+timed round-robin with the engines), never a vendor figure.
+
+The older single-engine helpers (:func:`diffusers_model`, :func:`rfmpc_model`,
+:func:`mmdit_forward_flops`, :data:`CASES`) are shared with ``report_measure.py`` and
+``gpu_check.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ import numpy as np
 
 from rfmpc.models import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiTConfig
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import _bench_worker
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 
 #: Dense bf16 tensor-core peak, FLOP/s (NVIDIA datasheets; H200 has H100's compute).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -77,6 +86,8 @@ _SMALL = MMDiTConfig(
 _TINY = dataclasses.replace(_SMALL, num_layers=2, sample_size=16, joint_attention_dim=64)
 
 CASES = {
+    # Issue 18's bar: SD3.5-style small config, 32 text tokens, batch 2, fp32 (CPU).
+    "bar": Case(_SMALL, (32, 32), 32, 2, "fp32", True),
     # CPU default: SD3.5-medium structure (dual attention, RMS QK-norm, last block context
     # pre-only) at width 128, 256 image + 64 text tokens.
     "small": Case(_SMALL, (32, 32), 64, 2, "fp32", True),
@@ -253,147 +264,527 @@ def jax_inputs(inp: dict[str, np.ndarray], jdtype, jdev) -> list:
     ]
 
 
-def run(case_name: str, runs: int, *, skip_diffusers: bool = False) -> dict:
-    import torch
+# ==============================================================================================
+# One run, every engine: worker processes timed round-robin
+# ==============================================================================================
+#
+# Each engine lives in its own worker process (this file with ``--_worker``), built and warmed up
+# once, then asked for a few timed calls at a time in turn (round-robin), so slow drifts of the
+# machine (other jobs, thermal state) hit every engine alike. A worker waits on a pipe between
+# its turns: it holds no CPU while the others run. The orchestrator runs no JAX or torch
+# computation (no thread pools of its own).
 
-    case = CASES[case_name]
-    cfg = case.model
-    on_gpu = torch.cuda.is_available() and jax.default_backend() == "gpu"
-    tdev = torch.device("cuda" if on_gpu else "cpu")
-    tdtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
-    jdtype = jnp.bfloat16 if case.dtype == "bf16" else jnp.float32
-    jdev = jax.devices()[0]
-    device_name = (
-        torch.cuda.get_device_name(0)
-        if on_gpu
-        else (f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}")
-    )
+#: Forward engines. ``rfmpc``: ``load_transformer``'s jitted call; ``rfmpc-apply``: the pure
+#: ``Transformer.apply(params, ...)`` under ``jax.jit`` (the path gradients take); ``diffusers``:
+#: eager PyTorch; ``diffusers-compile``: ``torch.compile`` of the same model; ``keras-hub``:
+#: keras-hub's JAX ``MMDiT`` (``peers`` extra), same config, its own random weights.
+FORWARD_ENGINES = ("rfmpc", "rfmpc-apply", "diffusers", "diffusers-compile", "keras-hub")
+#: Full-generation engines (``pipeline_speed.make_generator``), prefixed ``gen:`` in records.
+GENERATION_ENGINES = ("rfmpc", "diffusers", "diffusers-compile")
+#: Refuse ``--save`` above this 1-min load average per core (``--force`` marks the file LOADED).
+MAX_LOAD_PER_CORE = 1.5
+#: Side of the float32 GEMM whose best time defines the CPU peak (measured in the same run).
+PEAK_GEMM_N = 2048
+
+
+def _device_label() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} x{os.cpu_count()}"
+
+
+def _threads_jax() -> str:
+    # XLA:CPU sizes its intra-op pool to the cores this process may use (no public knob).
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"XLA:CPU intra-op pool over {n} cores (default)"
+
+
+def _forward_worker(engine: str, case: Case, folder: str):
+    """``(fn, sync, info)`` of one forward engine; ``fn()`` runs one forward."""
     inp = _inputs(case)
+    info: dict = {}
+    if engine.startswith("rfmpc"):
+        import rfmpc
+
+        jdtype = jnp.bfloat16 if case.dtype == "bf16" else jnp.float32
+        model = rfmpc_model(case, jdtype, folder if case.same_weights else None)
+        args = jax_inputs(inp, jdtype, jax.devices()[0])
+        if engine == "rfmpc-apply":
+            apply = jax.jit(lambda p, b, *a: model.apply(p, *a, buffers=b))
+            fn = lambda: apply(model.params, model.buffers, *args)
+        else:
+            fn = lambda: model(*args)
+        info["threads"] = _threads_jax()
+        info["rfmpc_from"] = str(Path(rfmpc.__file__).resolve().parents[1])
+        return fn, lambda o: o.block_until_ready(), info
+    if engine.startswith("diffusers"):
+        import torch
+
+        tdtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
+        if case.same_weights:
+            from diffusers import SD3Transformer2DModel
+
+            model = SD3Transformer2DModel.from_pretrained(folder).to(tdtype).eval()
+        else:
+            model = diffusers_model(case, torch.device("cpu"), tdtype)
+        if engine == "diffusers-compile":
+            model = torch.compile(model)
+        targs = torch_inputs(inp, torch.device("cpu"), tdtype)
+
+        def fn():
+            with torch.inference_mode():
+                return model(**targs, return_dict=False)[0]
+
+        info["threads"] = (
+            f"torch intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}"
+        )
+        info["torch"] = torch.__version__
+        return fn, lambda o: o, info
+    if engine == "gemm-peak":
+        n = PEAK_GEMM_N
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        f = jax.jit(jnp.dot)
+        info["flops"] = 2.0 * n**3
+        info["threads"] = _threads_jax()
+        return (lambda: f(a, b)), lambda o: o.block_until_ready(), info
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+def _generation_worker(engine: str, folder: str, steps: int):
+    import pipeline_speed as ps
+
+    gen, load_s, device = ps.make_generator(engine, folder, GEN_SIZE, steps, "float32", GEN_MSL)
+    info = {"load_s": load_s, "device": device}
+    if engine.startswith("diffusers"):
+        import torch
+
+        info["threads"] = f"torch intra-op {torch.get_num_threads()}"
+    else:
+        info["threads"] = _threads_jax()
+    return gen, lambda o: o, info
+
+
+#: Full small generation: 128x128 image (32x32x16 latent), the bar MM-DiT config, tiny VAE and
+#: text encoders of ``weights_conversion.fixtures``, 77 CLIP + GEN_MSL T5 tokens.
+GEN_SIZE, GEN_MSL = 128, 16
+
+
+def _worker_main(args) -> int:
+    """Worker: build one engine, then serve timed calls (``_bench_worker.serve``)."""
+    kind, engine = args._worker.split(":", 1)
+    t0 = time.perf_counter()
+    if kind == "gen":
+        fn, sync, info = _generation_worker(engine, args._folder, args.steps)
+    else:
+        fn, sync, info = _forward_worker(engine, CASES[args.case], args._folder)
+    return _bench_worker.serve(fn, sync, info, args._out, time.perf_counter() - t0)
+
+
+class _Worker:
+    def __init__(self, label: str, cmd: list[str], env: dict, out: str | None):
+        import subprocess
+
+        self.label = label
+        self.out = out
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(_bench_worker.REPLY):
+                return json.loads(line[len(_bench_worker.REPLY) :])
+        code = self.proc.wait()
+        raise RuntimeError(f"worker {self.label} exited with status {code} (see its stderr)")
+
+    def ask(self, n: int) -> list[float]:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return self.read()["times_s"]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def _importable(python: str, module: str, env: dict) -> str | None:
+    """None if ``module`` imports under ``python``, else the reason."""
+    import subprocess
+
+    r = subprocess.run(
+        [python, "-c", f"import {module}"], capture_output=True, text=True, env=env, timeout=600
+    )
+    if r.returncode == 0:
+        return None
+    last = (r.stderr.strip().splitlines() or ["?"])[-1]
+    return f"`import {module}` failed under {python}: {last}"
+
+
+def _round_robin(workers: dict, rounds: int, per_turn: int, pause_s: float) -> dict:
+    times = {k: [] for k in workers}
+    for _ in range(rounds):
+        for k, w in workers.items():
+            times[k] += w.ask(per_turn)
+            time.sleep(pause_s)  # let the last engine's spinning threads go idle
+    return times
+
+
+def _stats(times: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "n": len(times),
+        "times_s": times,
+    }
+
+
+def run_all(args) -> dict:
+    """Build every engine's worker, time them round-robin, return the JSON record."""
+    import numpy as np
+
+    case = CASES[args.case]
+    cores = os.cpu_count() or 1
     record: dict = {
         "benchmark": "mmdit_speed",
-        "config": case_name,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "device": device_name,
-        "jax_device": str(jdev.device_kind),
+        "device": _device_label(),
+        "cores": cores,
+        "case": args.case,
         "dtype": case.dtype,
         "batch": case.batch,
         "latent_hw": list(case.latent),
-        "image_tokens": (case.latent[0] // cfg.patch_size) * (case.latent[1] // cfg.patch_size),
+        "image_tokens": (case.latent[0] // case.model.patch_size)
+        * (case.latent[1] // case.model.patch_size),
         "text_tokens": case.text_tokens,
-        "mmdit_config": cfg.to_diffusers(),
+        "mmdit_config": case.model.to_diffusers(),
         "same_weights": case.same_weights,
-        "loadavg_1min": [os.getloadavg()[0]],  # start (end appended): the CPU may be shared
-        "versions": {"jax": jax.__version__, "torch": torch.__version__},
+        "runs": args.runs,
+        "loadavg_1min": {"start": os.getloadavg()[0]},
+        "python": sys.version.split()[0],
+        "method": (
+            "each engine in its own worker process, built and warmed up once, then timed "
+            f"round-robin {args.per_turn} call(s) per turn until {args.runs} calls each; "
+            "medians and minima of the per-call wall times"
+        ),
+        "skipped": {},
     }
-    sync_t = (lambda _: torch.cuda.synchronize()) if on_gpu else (lambda _: None)
-
-    # ---- diffusers (PyTorch, eager) -----------------------------------------------------
-    ref_out = None
+    here = str(Path(__file__).resolve().parent)
+    root = str(Path(__file__).resolve().parents[1])
+    base_env = dict(os.environ, KERAS_BACKEND="jax", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    base_env["PYTHONPATH"] = os.pathsep.join([root, here, base_env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as tmp:
-        tmodel = diffusers_model(case, tdev, tdtype, save_to=tmp if case.same_weights else None)
-        n_params = sum(p.numel() for p in tmodel.parameters())
-        targs = torch_inputs(inp, tdev, tdtype)
+        tmp = Path(tmp)
+        folder = tmp / "weights"
+        engines = [e for e in args.engines.split(",") if e]
+        specs = []  # (label, worker arg, python, env)
+        for e in engines:
+            if e not in FORWARD_ENGINES:
+                raise SystemExit(f"--engines: unknown engine {e!r}; choose from {FORWARD_ENGINES}")
+            python, env = sys.executable, base_env
+            if e == "keras-hub":
+                python = args.peers_python or sys.executable
+                why = _importable(python, "keras_hub", env)
+                if why:
+                    record["skipped"][e] = why + " (pip install -e '.[peers]' or --peers-python)"
+                    continue
+            specs.append((e, "keras-hub" if e == "keras-hub" else f"fwd:{e}", python, env))
+        for path in args.baseline_rfmpc or []:
+            env = dict(base_env)
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(path).resolve()), here])
+            specs.append((f"rfmpc@{path}", "fwd:rfmpc", sys.executable, env))
+        if args.mfu:
+            specs.append(("gemm-peak", "fwd:gemm-peak", sys.executable, base_env))
 
-        held = {"model": tmodel, "args": targs}  # dropped before JAX runs (GPU memory)
-        del tmodel, targs
+        # Shared weights: diffusers saves them, rfmpc loads them (same-weights cases).
+        import subprocess
 
-        def torch_fwd():
-            with torch.inference_mode():
-                return held["model"](**held["args"], return_dict=False)[0]
-
-        if not skip_diffusers:
-            record["diffusers"], ref_out = _timed(torch_fwd, sync_t, runs)
-            ref_out = ref_out.float().permute(0, 2, 3, 1).cpu().numpy()
-        held.clear()
-        if on_gpu:
-            torch.cuda.empty_cache()
-
-        # ---- rfmpc (JAX, jit) -------------------------------------------------------------
-        model = rfmpc_model(case, jdtype, tmp if case.same_weights else None)
-    jargs = jax_inputs(inp, jdtype, jdev)
-    record["rfmpc"], out = _timed(lambda: model(*jargs), lambda o: o.block_until_ready(), runs)
-    record["params"] = int(n_params)
-
-    flops = mmdit_forward_flops(cfg, case.batch, *case.latent, case.text_tokens)
-    record["flops"] = flops
-    peak = _peak(device_name, case.dtype)
-    record["peak_flops"] = peak
-    for who in ("rfmpc", "diffusers"):
-        if who in record:
-            r = record[who]
-            r["tflops_per_s"] = flops["total"] / r["median_s"] / 1e12
-            r["mfu"] = None if peak is None else flops["total"] / r["median_s"] / peak
-    if "diffusers" in record:
-        _speedups(record)
-    record["loadavg_1min"] = [record["loadavg_1min"][0], os.getloadavg()[0]]
-    if ref_out is not None and case.same_weights:
-        ours = np.asarray(out, np.float32)
-        record["rel_max_err_vs_diffusers"] = float(
-            np.max(np.abs(ours - ref_out)) / (np.std(ref_out) or 1.0)
+        subprocess.run(
+            [sys.executable, __file__, "--_build", str(folder), "--case", args.case],
+            check=True,
+            env=base_env,
         )
+        record["forward"] = _run_section(args, specs, folder, tmp, "fwd", args.runs)
+        outs = {k: v.pop("_out") for k, v in record["forward"].items() if "_out" in v}
+        ref = outs.get("diffusers")
+        if ref is not None and case.same_weights:
+            ref_a = np.load(ref)
+            for k, path in outs.items():
+                if k.startswith("rfmpc") or k == "diffusers-compile":
+                    err = np.max(np.abs(np.load(path) - ref_a)) / (np.std(ref_a) or 1.0)
+                    record["forward"][k]["rel_max_err_vs_diffusers"] = float(err)
+        flops = mmdit_forward_flops(case.model, case.batch, *case.latent, case.text_tokens)
+        record["flops_per_forward"] = flops
+        peak = record["forward"].pop("gemm-peak", None)
+        if peak is not None:
+            record["peak"] = {
+                "how": f"best time of a {PEAK_GEMM_N}^2 float32 jnp.dot, timed round-robin with "
+                "the engines in this run",
+                "flops_per_s": peak["flops"] / peak["min_s"],
+                "median_flops_per_s": peak["flops"] / peak["median_s"],
+            }
+        for r in record["forward"].values():
+            r["gflops_per_s"] = flops["total"] / r["median_s"] / 1e9
+            if peak is not None:
+                r["mfu_vs_measured_peak"] = (
+                    flops["total"] / r["median_s"] / (record["peak"]["flops_per_s"])
+                )
+
+        if args.generation:
+            gfolder = tmp / "pipeline"
+            subprocess.run(
+                [sys.executable, __file__, "--_build_pipeline", str(gfolder), "--case", args.case],
+                check=True,
+                env=base_env,
+            )
+            gspecs = []
+            for e in args.gen_engines.split(","):
+                if e not in GENERATION_ENGINES:
+                    raise SystemExit(f"--gen-engines: unknown {e!r}; choose {GENERATION_ENGINES}")
+                gspecs.append((e, f"gen:{e}", sys.executable, base_env))
+            gen = _run_section(args, gspecs, gfolder, tmp, "gen", args.gen_runs)
+            outs = {k: v.pop("_out") for k, v in gen.items() if "_out" in v}
+            if "rfmpc" in outs:
+                ref_img = np.load(outs["rfmpc"])
+                for k, path in outs.items():
+                    gen[k]["max_abs_image_diff_vs_rfmpc"] = float(
+                        np.max(np.abs(np.load(path) - ref_img))
+                    )
+            record["generation"] = {
+                "what": f"{GEN_SIZE}x{GEN_SIZE} image, {args.steps} steps, CFG 7.0 (batch 2), "
+                f"77 + {GEN_MSL} text tokens, transformer = the case's config, tiny fixture "
+                "VAE and text encoders; text encoding + denoising + decoding",
+                "engines": gen,
+            }
+            if "keras-hub" in engines:
+                record["skipped"]["gen:keras-hub"] = (
+                    "not measured: keras-hub's pipeline needs its own CLIP/T5 backbones, which "
+                    "have no tiny offline fixture here"
+                )
+    record["loadavg_1min"]["end"] = os.getloadavg()[0]
+    limit = MAX_LOAD_PER_CORE * cores
+    record["loaded"] = max(record["loadavg_1min"].values()) > limit
+    record["load_limit"] = limit
     return record
 
 
-def _speedups(record: dict) -> None:
-    """Ratios of diffusers' to rfmpc's median and minimum times. On a shared machine the
-    minimum is the robust one: interference only ever adds time (and eager PyTorch's
-    OpenMP threads suffer far more from CPU oversubscription than XLA's)."""
-    d, r = record["diffusers"], record["rfmpc"]
-    record["speedup_vs_diffusers"] = d["median_s"] / r["median_s"]
-    record["speedup_vs_diffusers_min"] = d["min_s"] / r["min_s"]
+def _run_section(args, specs, folder: Path, tmp: Path, kind: str, runs: int) -> dict:
+    workers, out = {}, {}
+    try:
+        for label, warg, python, env in specs:  # build + warm up one at a time
+            npy = str(tmp / f"{kind}-{len(workers)}.npy") if label != "gemm-peak" else None
+            if warg == "keras-hub":
+                case = CASES[args.case]
+                spec = {
+                    "config": case.model.to_diffusers(),
+                    "latent": list(case.latent),
+                    "text_tokens": case.text_tokens,
+                    "batch": case.batch,
+                    "dtype": case.dtype,
+                }
+                cmd = [python, str(HERE / "_bench_worker.py"), "keras-hub", json.dumps(spec), npy]
+            else:
+                cmd = [python, __file__, "--_worker", warg, "--_folder", str(folder)]
+                cmd += ["--case", args.case, "--steps", str(args.steps)]
+                if npy:
+                    cmd += ["--_out", npy]
+            w = _Worker(label, cmd, env, npy)
+            try:
+                info = w.read()
+            except RuntimeError as e:
+                out[label] = {"error": str(e)}
+                continue
+            workers[label] = w
+            out[label] = {**info, "_out": npy} if npy else info
+            print(f"[{kind}] {label}: ready (warm-up {info['warmup_s']:.2f} s)", file=sys.stderr)
+        rounds = max(1, -(-runs // args.per_turn))
+        times = _round_robin(workers, rounds, args.per_turn, args.pause)
+        for label, t in times.items():
+            out[label].update(_stats(t))
+    finally:
+        for w in workers.values():
+            w.close()
+    return {k: v for k, v in out.items() if "error" not in v or print(k, v, file=sys.stderr)}
+
+
+def _build(folder: str, case_name: str) -> None:
+    import torch
+
+    case = CASES[case_name]
+    tdtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
+    diffusers_model(case, torch.device("cpu"), tdtype, save_to=folder)
+
+
+def _build_pipeline(folder: str, case_name: str) -> None:
+    from weights_conversion.fixtures import build_tiny_sd3_pipeline
+
+    c = CASES[case_name].model.to_diffusers()
+    keep = (
+        "num_layers",
+        "num_attention_heads",
+        "attention_head_dim",
+        "caption_projection_dim",
+        "sample_size",
+        "pos_embed_max_size",
+        "dual_attention_layers",
+        "qk_norm",
+    )
+    build_tiny_sd3_pipeline(folder, seed=0, transformer_overrides={k: c[k] for k in keep})
 
 
 def _markdown(r: dict) -> str:
-    def row(who):
-        x = r[who]
-        mfu = "n/a" if x.get("mfu") is None else f"{100 * x['mfu']:.1f}%"
-        return (
-            f"| {who} | {1e3 * x['warmup_s']:.1f} | {1e3 * x['median_s']:.2f} | "
-            f"{1e3 * x['min_s']:.2f} | {x['tflops_per_s']:.3f} | {mfu} |"
-        )
+    def ms(x):
+        return f"{1e3 * x:.2f}"
 
+    def table(rows: dict, ref: str | None, unit: float, fmt) -> list[str]:
+        head = "| engine | threads | warm-up s | median | min | n | time / rfmpc (median) |"
+        lines = [head, "|---|---|---|---|---|---|---|"]
+        base = rows.get(ref, {}).get("median_s")
+        for k, x in rows.items():
+            ratio = f"{x['median_s'] / base:.2f}x" if base else "n/a"
+            lines.append(
+                f"| {k} | {x.get('threads', '')} | {x['warmup_s']:.2f} | "
+                f"{fmt(x['median_s'])} | {fmt(x['min_s'])} | {x['n']} | {ratio} |"
+            )
+        return lines
+
+    lo = r["loadavg_1min"]
     lines = [
-        f"# mmdit_speed: {r['config']} on {r['device']} ({r['date']})",
+        f"# mmdit_speed: {r['case']} on {r['device']} ({r['date']})"
+        + (" — LOADED (not a result)" if r["loaded"] else ""),
+        "",
+        f"1-min load average: {lo['start']:.2f} at start, {lo['end']:.2f} at end, on "
+        f"{r['cores']} cores (limit for a result file: {r['load_limit']:.1f})."
+        + (
+            " **The machine was loaded: these numbers are indicative only.**" if r["loaded"] else ""
+        ),
+        "",
+        f"Method: {r['method']}.",
+        "",
+        "## MM-DiT forward",
         "",
         f"batch {r['batch']}, latent {r['latent_hw'][0]}x{r['latent_hw'][1]}, "
         f"{r['image_tokens']} image + {r['text_tokens']} text tokens, {r['dtype']}, "
-        f"{r['params'] / 1e6:.2f}M params, {r['flops']['total'] / 1e9:.2f} GFLOP/forward "
-        f"(matmuls), same weights: {r['same_weights']}",
+        f"{r['flops_per_forward']['total'] / 1e9:.3f} GFLOP/forward (matmuls), "
+        f"same weights for rfmpc and diffusers: {r['same_weights']}; keras-hub has its own "
+        "random weights (same config).",
         "",
-        "| impl | warm-up ms | median ms | min ms | TFLOP/s (median) | MFU (median) |",
-        "|---|---|---|---|---|---|",
-        row("rfmpc"),
+        *table(r["forward"], "rfmpc", 1e3, lambda s: ms(s) + " ms"),
     ]
-    if "diffusers" in r:
-        lines.append(row("diffusers"))
+    if "peak" in r:
+        p = r["peak"]
         lines += [
             "",
-            f"speed-up diffusers / rfmpc: {r['speedup_vs_diffusers']:.2f}x (median), "
-            f"{r['speedup_vs_diffusers_min']:.2f}x (min)",
+            f"Measured peak: {p['flops_per_s'] / 1e9:.1f} GFLOP/s ({p['how']}). MFU below is "
+            "against this measured figure, not a vendor peak.",
+            "",
+            "| engine | GFLOP/s (median) | MFU vs measured peak |",
+            "|---|---|---|",
         ]
-    lines.append(f"1-min load average at start, end: {r['loadavg_1min']} ({os.cpu_count()} CPUs)")
-    if "rel_max_err_vs_diffusers" in r:
-        lines.append(f"output agreement: rel max err {r['rel_max_err_vs_diffusers']:.2e}")
+        for k, x in r["forward"].items():
+            lines.append(
+                f"| {k} | {x['gflops_per_s']:.1f} | {100 * x['mfu_vs_measured_peak']:.0f}% |"
+            )
+    errs = {
+        k: x["rel_max_err_vs_diffusers"]
+        for k, x in r["forward"].items()
+        if "rel_max_err_vs_diffusers" in x
+    }
+    if errs:
+        lines += [
+            "",
+            "Output agreement (max |x - diffusers| / std): "
+            + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()),
+        ]
+    if "generation" in r:
+        g = r["generation"]
+        lines += ["", "## Full small generation", "", g["what"] + ".", ""]
+        lines += table(g["engines"], "rfmpc", 1.0, lambda s: f"{s:.3f} s")
+        diffs = {
+            k: x["max_abs_image_diff_vs_rfmpc"]
+            for k, x in g["engines"].items()
+            if k != "rfmpc" and "max_abs_image_diff_vs_rfmpc" in x
+        }
+        if diffs:
+            lines += [
+                "",
+                "Image agreement (max abs diff vs rfmpc): "
+                + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()),
+            ]
+    if r["skipped"]:
+        lines += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in r["skipped"].items()]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=sorted(CASES), default="small")
-    ap.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
+    ap.add_argument("--case", "--config", choices=sorted(CASES), default="bar")
+    ap.add_argument("--runs", type=int, default=15, help="timed forwards per engine (>= 15)")
+    ap.add_argument("--per-turn", type=int, default=3, help="timed calls per round-robin turn")
+    ap.add_argument("--pause", type=float, default=0.05, help="seconds between turns")
+    ap.add_argument("--engines", default="rfmpc,rfmpc-apply,diffusers,diffusers-compile,keras-hub")
+    ap.add_argument(
+        "--baseline-rfmpc",
+        action="append",
+        metavar="PATH",
+        help="also time the rfmpc found at PATH (another checkout), e.g. for an A/B",
+    )
+    ap.add_argument("--peers-python", help="interpreter with keras-hub (default: this one)")
+    ap.add_argument("--no-mfu", dest="mfu", action="store_false", help="skip the peak GEMM")
+    ap.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--gen-engines", default=",".join(GENERATION_ENGINES))
+    ap.add_argument("--gen-runs", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--json", action="store_true", help="print the JSON record")
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/...")
-    ap.add_argument("--no-diffusers", action="store_true", help="time rfmpc only")
+    ap.add_argument("--force", action="store_true", help="--save even when loaded (marked LOADED)")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_folder", help=argparse.SUPPRESS)
+    ap.add_argument("--_out", help=argparse.SUPPRESS)
+    ap.add_argument("--_build", help=argparse.SUPPRESS)
+    ap.add_argument("--_build_pipeline", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.runs < 1:
-        ap.error("--runs must be >= 1")
-    record = run(args.config, args.runs, skip_diffusers=args.no_diffusers)
+    if args._worker:
+        return _worker_main(args)
+    if args._build:
+        _build(args._build, args.case)
+        return 0
+    if args._build_pipeline:
+        _build_pipeline(args._build_pipeline, args.case)
+        return 0
+    if args.runs < 1 or args.gen_runs < 1 or args.per_turn < 1:
+        ap.error("--runs, --gen-runs and --per-turn must be >= 1")
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if args.save and load > MAX_LOAD_PER_CORE * cores and not args.force:
+        ap.error(
+            f"1-min load average {load:.2f} is above {MAX_LOAD_PER_CORE} per core "
+            f"({MAX_LOAD_PER_CORE * cores:.1f} on {cores} cores): the timings would not be a "
+            "result. Wait for an idle machine, or pass --force to save a file marked LOADED."
+        )
+    record = run_all(args)
     md = _markdown(record)
     print(json.dumps(record, indent=2) if args.json else md)
     if args.save:
+        if record["loaded"] and not args.force:
+            print(
+                f"not saved: the load rose above {record['load_limit']:.1f} during the run "
+                f"({record['loadavg_1min']}); rerun on an idle machine or pass --force",
+                file=sys.stderr,
+            )
+            return 1
         RESULTS.mkdir(parents=True, exist_ok=True)
         dev = re.sub(r"[^A-Za-z0-9]+", "-", record["device"]).strip("-").lower()
-        stem = f"{_dt.date.today().isoformat()}-{dev}-mmdit_speed"
+        stem = f"{_dt.date.today().isoformat()}-{dev}-mmdit_speed-{args.case}"
+        if record["loaded"]:
+            stem += "-LOADED"
         (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
         (RESULTS / f"{stem}.md").write_text(md)
         print(f"saved {RESULTS / stem}.json / .md", file=sys.stderr)

@@ -83,17 +83,16 @@ def _peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
-def _engine(
+def make_generator(
     engine: str,
     folder: str,
     size: int,
     steps: int,
-    runs: int,
     dtype: str = "float32",
     max_sequence_length: int = 16,
-) -> dict:
-    """Load ``engine``'s pipeline from ``folder`` in ``dtype`` ("float32" | "bfloat16") and time
-    warm-up and ``runs`` generations; the image is saved as ``<folder>/../<engine>.npy``."""
+):
+    """Load ``engine``'s pipeline from ``folder``; returns ``(gen, load_s, device)`` where
+    ``gen()`` generates one image (numpy, NHWC) from fixed latents, :data:`PROMPT`, CFG 7.0."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -152,6 +151,23 @@ def _engine(
             return out.images
 
         device = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu"
+    return gen, load_s, device
+
+
+def _engine(
+    engine: str,
+    folder: str,
+    size: int,
+    steps: int,
+    runs: int,
+    dtype: str = "float32",
+    max_sequence_length: int = 16,
+) -> dict:
+    """Load ``engine``'s pipeline from ``folder`` in ``dtype`` ("float32" | "bfloat16") and time
+    warm-up and ``runs`` generations; the image is saved as ``<folder>/../<engine>.npy``."""
+    import numpy as np
+
+    gen, load_s, device = make_generator(engine, folder, size, steps, dtype, max_sequence_length)
     t0 = time.perf_counter()
     img = gen()
     warm = time.perf_counter() - t0
