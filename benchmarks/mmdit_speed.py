@@ -210,8 +210,20 @@ def diffusers_model(case: Case, tdev, tdtype, save_to: str | None = None):
             tmodel = SD3Transformer2DModel(**cfg.to_diffusers()).eval()
             torch.set_default_dtype(prev)
         return tmodel
-    tmodel = SD3Transformer2DModel(**cfg.to_diffusers()).eval()
-    with torch.no_grad():  # non-trivial weights everywhere (diffusers zero-inits some)
+    tmodel = redraw_weights_(SD3Transformer2DModel(**cfg.to_diffusers()).eval())
+    tmodel = tmodel.to(tdev, tdtype)
+    if save_to is not None:
+        tmodel.save_pretrained(save_to, safe_serialization=True)
+    return tmodel
+
+
+def redraw_weights_(tmodel):
+    """Redraw every parameter of a torch module in place (seeded by the caller): matrices
+    ``N(0, 1/fan_in)``, norm weights ``N(1, 0.1)``, other vectors ``N(0, 0.1)``, so nothing is
+    trivially zero (diffusers zero-inits some layers). Returns the module."""
+    import torch
+
+    with torch.no_grad():
         for name, p in tmodel.named_parameters():
             if p.ndim > 1:
                 p.normal_(0.0, float(np.prod(p.shape[1:])) ** -0.5)
@@ -219,9 +231,6 @@ def diffusers_model(case: Case, tdev, tdtype, save_to: str | None = None):
                 p.normal_(1.0, 0.1)
             else:
                 p.normal_(0.0, 0.1)
-    tmodel = tmodel.to(tdev, tdtype)
-    if save_to is not None:
-        tmodel.save_pretrained(save_to, safe_serialization=True)
     return tmodel
 
 

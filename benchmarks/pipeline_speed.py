@@ -90,10 +90,23 @@ def make_generator(
     steps: int,
     dtype: str = "float32",
     max_sequence_length: int = 16,
+    transformer_overrides: dict | None = None,
 ):
     """Load ``engine``'s pipeline from ``folder``; returns ``(gen, load_s, device)`` where
-    ``gen()`` generates one image (numpy, NHWC) from fixed latents, :data:`PROMPT`, CFG 7.0."""
+    ``gen()`` generates one image (numpy, NHWC) from fixed latents, :data:`PROMPT`, CFG 7.0.
+
+    ``transformer_overrides``: replace the folder's transformer by a randomly initialised one
+    of its config with these entries changed, built directly on the device in ``dtype`` (a
+    released-size MM-DiT behind the tiny fixture text encoders and VAE, without writing
+    gigabytes of weights to disk; the two engines then have different weights).
+    """
     import numpy as np
+
+    def big_config():
+        from rfmpc.models import MMDiTConfig
+
+        cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+        return MMDiTConfig.from_diffusers({**cfg, **transformer_overrides})
 
     rng = np.random.default_rng(0)
     lat_nhwc = rng.standard_normal((1, size // 4, size // 4, 16)).astype(np.float32)
@@ -105,7 +118,20 @@ def make_generator(
         t0 = time.perf_counter()
         import jax.numpy as jnp
 
-        pipe = load_pipeline(folder, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+        jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+        pipe = load_pipeline(folder, dtype=jdtype)
+        if transformer_overrides:
+            import dataclasses
+
+            from flax import nnx
+
+            from rfmpc.models import MMDiT, Transformer
+
+            cfg = big_config()
+            module = nnx.jit(
+                lambda: MMDiT(cfg, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(0))
+            )()
+            pipe = dataclasses.replace(pipe, transformer=Transformer.from_module(module))
         load_s = time.perf_counter() - t0
 
         def gen():
@@ -131,6 +157,13 @@ def make_generator(
         pipe = StableDiffusion3Pipeline.from_pretrained(
             folder, local_files_only=True, torch_dtype=tdtype
         ).to(dev)
+        if transformer_overrides:
+            from diffusers import SD3Transformer2DModel
+
+            torch.manual_seed(0)
+            with torch.device(dev):
+                big = SD3Transformer2DModel(**big_config().to_diffusers()).eval()
+            pipe.transformer = big.to(dev, tdtype)
         if engine == "diffusers-compile":
             pipe.transformer = torch.compile(pipe.transformer)
         load_s = time.perf_counter() - t0
