@@ -33,7 +33,7 @@ def test_miss_equals_the_pipeline_and_stores_what_a_hit_needs(pipe):
         assert rec.kind == "miss" and rec.nfe == N and rec.batch == 2 and not rec.from_cache
         ref = pipe(p, seed=s, num_inference_steps=N).images
         np.testing.assert_array_equal(out.images[i : i + 1], ref)  # bit-identical
-    assert gen.store_steps == (6,)  # the step the default policy picks at N = 8: floor(.75 N)
+    assert gen.store_steps == (6,)  # the step the default policy picks at N = 8: floor(.8 N)
     entry = store.get(out.records[0].stored)
     assert entry.steps == (6,) and set(entry.extras) == {"final", "velocity/6"}
     bands = CachedGenerator(pipe, store, policy=ResumePolicy.edit_bands(), num_inference_steps=N)

@@ -18,11 +18,11 @@ Two mappings ship (fraction of the N steps skipped, i.e. the target resume step
 =====================  ==========  =====================
 cosine similarity      fraction    N = 28 -> target step
 =====================  ==========  =====================
->= 0.98                0.75        21
-< 0.98                 --          generate from scratch
+>= 0.97                0.80        22
+< 0.97                 --          generate from scratch
 =====================  ==========  =====================
 
-Above 0.98 the cached prompt is the same prompt (another seed) or a paraphrase: it shares the
+Above 0.97 the cached prompt is the same prompt (another seed) or a paraphrase: it shares the
 layout *and* the details, so B resumes late. One-attribute edits lie mostly in 0.85-0.97; resuming
 them at the write-up's steps saved fewer calls over a stream than generating them and caching
 their states (a miss becomes an entry that later paraphrases resume from late; a hit does not).
@@ -68,8 +68,8 @@ class ResumePolicy:
         min_step: smallest resume step worth taking (resuming at step 0 saves nothing).
     """
 
-    thresholds: tuple[float, ...] = (0.98,)
-    fractions: tuple[float, ...] = (0.75,)
+    thresholds: tuple[float, ...] = (0.97,)
+    fractions: tuple[float, ...] = (0.80,)
     min_step: int = 1
 
     def __post_init__(self):

@@ -180,8 +180,8 @@ def add_generate_parser(sub) -> None:
         "--min-similarity",
         type=float,
         default=None,
-        help="resume from cached prompts at least this similar (default 0.98, the fitted serving "
-        "policy: same prompt or a paraphrase, resumed at 75%% of the steps); below 0.98 the "
+        help="resume from cached prompts at least this similar (default 0.97, the fitted serving "
+        "policy: same prompt or a paraphrase, resumed at 80%% of the steps); below 0.97 the "
         "write-up's edit bands apply (>= 0.95: 45%%, 0.90: 30%%, 0.85: 20%%), down to X",
     )
     g.add_argument(
