@@ -33,7 +33,8 @@ Usage::
 ``--legacy`` keeps the project's older table (``make_operator`` tasks, default solvers, no
 splits); ``benchmarks/report_measure.py`` uses its ``run_task``. Progress goes to stderr; the
 markdown table to stdout, or one JSON line with ``--json``; ``--save`` writes
-``benchmarks/results/<date>-<platform>-inverse_table_<field>.{md,json,png}``.
+``benchmarks/results/<date>-<platform>-inverse_table_<field>.{md,json,png}`` (with ``-<task>...``
+appended when ``--tasks`` names a subset, so that tasks run one at a time keep their files).
 """
 
 from __future__ import annotations
@@ -656,7 +657,8 @@ def protocol_main(args, ap) -> int:
         print(md)
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"{date}-{d.platform}-inverse_table_{args.field}"
+        part = "" if list(args.tasks) == list(PNP_FLOW_TASKS) else "-" + "-".join(args.tasks)
+        stem = RESULTS / f"{date}-{d.platform}-inverse_table_{args.field}{part}"
         stem.with_suffix(".md").write_text(md)
         stem.with_suffix(".json").write_text(json.dumps(jrec, indent=1))
         protocol_png(stem.with_suffix(".png"), tasks)

@@ -24,6 +24,7 @@ __all__ = [
     "PRIORS",
     "Prior",
     "Restoration",
+    "check_mmse",
     "check_restore_args",
     "prior_from_pipeline",
     "provide_prior",
@@ -160,6 +161,20 @@ def check_restore_args(task: str, method: str, noise: float | None) -> None:
         raise ValueError(f"--noise must be > 0, got {noise}")
 
 
+def check_mmse(method: str, mmse_samples: int) -> None:
+    """Raise ``ValueError`` if ``mmse_samples`` is not an int >= 1, or is > 1 for a method that
+    has no MMSE output (only the MPC-Flow methods average samples)."""
+    if isinstance(mmse_samples, bool) or not isinstance(mmse_samples, int) or mmse_samples < 1:
+        raise ValueError(
+            f"mmse_samples (--mmse) must be an int >= 1 (1: one sample), got {mmse_samples!r}"
+        )
+    if mmse_samples > 1 and not method.startswith("mpc-"):
+        raise ValueError(
+            f"mmse_samples (--mmse) = {mmse_samples} applies to the MPC-Flow methods (mpc-k1, "
+            f"mpc-rhc, mpc-dt), not to {method!r}: drop --mmse or pick an mpc-* method"
+        )
+
+
 def restore(
     prior: Prior,
     *,
@@ -170,6 +185,7 @@ def restore(
     noise: float | None = None,
     seed: int = 0,
     source: str | None = None,
+    mmse_samples: int = 1,
 ) -> Restoration:
     """Restore one ground truth with ``method`` on ``task`` and score it.
 
@@ -180,6 +196,8 @@ def restore(
     :data:`DEFAULT_NOISE`). Inverse problems use the *unconditional* prior: the prompt only
     renders the truth, it does not condition the model (that would leak the answer).
     ``wall_s`` is the solve alone (pre-compiled; ``compile_s`` is reported apart).
+    ``mmse_samples = m > 1`` (MPC-Flow methods only) returns the average of ``m`` independent
+    MPC-Flow samples, an estimate of the posterior mean (``m`` times the cost of one).
     """
     import jax
     import jax.numpy as jnp
@@ -190,6 +208,7 @@ def restore(
     from rfmpc.inverse.registry import make_solver
 
     check_restore_args(task, method, noise)
+    check_mmse(method, mmse_samples)
     if truth is not None and prompt is not None:
         raise ValueError("give the ground truth as truth= or as prompt=, not both")
     h = prior.image_shape[0]
@@ -209,7 +228,8 @@ def restore(
     k_op, k_noise, k_solve = jax.random.split(jax.random.key(seed), 3)
     op = make_operator(task, prior.image_shape, k_op)
     y = add_noise(k_noise, op(truth), noise)
-    compiled = make_solver(method).compile(
+    options = {} if mmse_samples == 1 else {"mmse_samples": mmse_samples}
+    compiled = make_solver(method, **options).compile(
         prior.field,
         op,
         y,
@@ -238,6 +258,7 @@ def restore(
         "compiled_temp_bytes": compiled.memory.get("temp_bytes"),
         "noise": noise,
         "seed": seed,
+        "mmse_samples": mmse_samples,
         "prior": prior.name,
         "truth": source,
         "device": str(jax.devices()[0]),

@@ -1067,6 +1067,13 @@ TABLE: list[Bad] = [
                                   truth=np.zeros((1, 16, 16, 3), np.float32)),
         ValueError, r"truth has shape \(1, 16, 16, 3\); the prior works on \(1, 32, 32, 3\).*"
         r"resize or crop it first"),
+    Bad("restore-mmse-zero", "inverse",
+        lambda c: lambda: restore(c.prior, task="denoise", method="mpc-k1", mmse_samples=0),
+        ValueError, r"mmse_samples \(--mmse\) must be an int >= 1 \(1: one sample\), got 0"),
+    Bad("restore-mmse-baseline", "inverse",
+        lambda c: lambda: restore(c.prior, task="denoise", method="pnp-flow", mmse_samples=4),
+        ValueError, r"mmse_samples \(--mmse\) = 4 applies to the MPC-Flow methods .*not to "
+        r"'pnp-flow': drop --mmse or pick an mpc-\* method"),
     # ------------------------------------------------------------------ command line
     Bad("cli-generate-zero-steps", "cli", run_cli("generate", "--prompt", "a", "--steps", "0"),
         CliExit, r"exit 2: rfmpc generate: error: num_inference_steps must be an int >= 1, "
@@ -1103,6 +1110,9 @@ TABLE: list[Bad] = [
     Bad("cli-restore-unknown-task", "cli",
         run_cli("restore", "--task", "colorize", "--method", "mpc-k1"), CliExit,
         r"(?s)exit 2: usage: .*argument --task: invalid choice: 'colorize'"),
+    Bad("cli-restore-mmse-baseline", "cli",
+        run_cli("restore", "--task", "denoise", "--method", "d-flow", "--mmse", "3"), CliExit,
+        r"exit 2: .*--mmse\) = 3 applies to the MPC-Flow methods"),
     Bad("cli-cache-verify-missing", "cli",
         run_cli("cache", "verify", "--cache", "/nonexistent/cache"), CliExit,
         r"exit 2: .*/nonexistent/cache does not exist or is not an rfmpc cache"),

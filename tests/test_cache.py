@@ -267,8 +267,32 @@ def test_index_10k_entries_2048d_answers_fast():
 
 
 # ---------------------------------------------------------------------------- policy
-def test_policy_default_mapping_and_monotonicity():
+def test_policy_default_is_the_fitted_serving_band():
     pol = ResumePolicy()
+    assert (pol.thresholds, pol.fractions, pol.min_similarity) == ((0.97,), (0.8,), 0.97)
+    assert pol.choose_step(0.99, 28, range(29)) == 22
+    assert pol.choose_step(0.96, 28, range(29)) is None  # an edit: generated, then cached
+    wide = pol.with_lower_bands(ResumePolicy.edit_bands())
+    assert (wide.thresholds, wide.fractions) == ((0.97, 0.95, 0.9, 0.85), (0.8, 0.45, 0.3, 0.2))
+    assert [wide.choose_step(s, 28, range(29)) for s in (0.99, 0.96, 0.91, 0.86, 0.8)] == [
+        22,
+        12,
+        8,
+        5,
+        None,
+    ]
+    # the command line's --min-similarity: the fitted band, then the edit bands down to X
+    assert wide.with_min_similarity(0.92).thresholds == (0.97, 0.95, 0.92)
+    assert wide.with_min_similarity(0.92).fractions == (0.8, 0.45, 0.3)
+    # another policy's higher fractions are capped: a higher similarity never resumes earlier
+    capped = ResumePolicy((0.9,), (0.2,)).with_lower_bands(ResumePolicy((0.85,), (0.5,)))
+    assert capped.fractions == (0.2, 0.2)
+    with pytest.raises(TypeError, match="other must be a ResumePolicy"):
+        pol.with_lower_bands((0.9, 0.3))
+
+
+def test_policy_edit_bands_mapping_and_monotonicity():
+    pol = ResumePolicy.edit_bands()
     assert pol.min_similarity == 0.85
     all_steps = range(0, 29)
     assert pol.choose_step(0.97, 28, all_steps) == 12
@@ -312,13 +336,15 @@ def test_lookup_resumes_exactly(make_store):
     q = np.arange(1.0, 9.0, dtype=np.float32)
     kw = dict(model_id="tiny", config_hash=CFG)
     store.put("a cat", q, [s2, full], **kw)  # the final state is a valid (step 8) state too
-    hit = store.lookup(_at_similarity(q, 0.96, 0), N_STEPS, **kw)  # target floor(.45*8) = 3
+    bands = ResumePolicy.edit_bands()
+    hit = store.lookup(_at_similarity(q, 0.96, 0), N_STEPS, bands, **kw)  # floor(.45*8) = 3
     assert isinstance(hit, CacheHit) and hit.step == 2
     entry, sim, _ = hit
     assert sim == pytest.approx(0.96, abs=1e-5) and entry.prompt == "a cat"
     resumed = integrate(_field, hit.state)
     assert np.asarray(resumed.x).tobytes() == np.asarray(full.x).tobytes()
-    assert store.lookup(_at_similarity(q, 0.80, 1), N_STEPS, **kw) is None
+    assert store.lookup(_at_similarity(q, 0.80, 1), N_STEPS, bands, **kw) is None
+    assert store.lookup(_at_similarity(q, 0.96, 0), N_STEPS, **kw) is None  # default: >= 0.97
     strict = ResumePolicy(thresholds=(0.99,), fractions=(0.5,))
     assert store.lookup(_at_similarity(q, 0.96, 0), N_STEPS, strict, **kw) is None
     with pytest.raises(ValueError, match="num_steps"):

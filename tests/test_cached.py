@@ -33,18 +33,15 @@ def test_miss_equals_the_pipeline_and_stores_what_a_hit_needs(pipe):
         assert rec.kind == "miss" and rec.nfe == N and rec.batch == 2 and not rec.from_cache
         ref = pipe(p, seed=s, num_inference_steps=N).images
         np.testing.assert_array_equal(out.images[i : i + 1], ref)  # bit-identical
-    assert gen.store_steps == (1, 2, 3)  # every step the default policy picks at N = 8
+    assert gen.store_steps == (6,)  # the step the default policy picks at N = 8: floor(.8 N)
     entry = store.get(out.records[0].stored)
-    assert entry.steps == (1, 2, 3) and set(entry.extras) == {
-        "final",
-        "velocity/1",
-        "velocity/2",
-        "velocity/3",
-    }
+    assert entry.steps == (6,) and set(entry.extras) == {"final", "velocity/6"}
+    bands = CachedGenerator(pipe, store, policy=ResumePolicy.edit_bands(), num_inference_steps=N)
+    assert bands.store_steps == (1, 2, 3)  # every step the edit bands pick
     # the stored velocity (from consecutive states) is the model's velocity at the state
-    st = entry.states[2]
-    v = gen.field(st.x, st.sigmas[2], st.cond)
-    np.testing.assert_allclose(entry.extras["velocity/2"], np.asarray(v), atol=2e-4)
+    st = entry.states[6]
+    v = gen.field(st.x, st.sigmas[6], st.cond)
+    np.testing.assert_allclose(entry.extras["velocity/6"], np.asarray(v), atol=2e-4)
     assert st.metadata["seed"] == 3 and int(jax.random.key_data(st.key)[-1]) == 3
 
 
@@ -57,7 +54,7 @@ def test_repeat_hit_and_provenance(pipe):
     assert rep.kind == "repeat" and rep.nfe == 0 and rep.entry_id == first.records[0].stored
     np.testing.assert_array_equal(out.images[0], first.images[0])
     assert hit.kind == "hit" and hit.cached_prompt == A and hit.similarity > 0.95
-    assert hit.resume_step == 3 and hit.nfe == N - 3 and hit.controller == "MPC"
+    assert hit.resume_step == 6 and hit.nfe == N - 6 and hit.controller == "MPC"
     assert hit.seed == 7 and hit.seed_used == 3 and "seed 3" in hit.note
     assert dup.kind == "repeat" and dup.nfe == 0 and "image 0 of this call" in dup.note
     # the served hit is repeatable: same image, no model call
@@ -159,7 +156,7 @@ def test_cli_generate_with_cache(tmp_path, capsys):
     )
     hit = json.loads(capsys.readouterr().out)
     assert hit["kind"] == "hit" and hit["from_cache"] and hit["controller"] == "Direct"
-    assert hit["cached_prompt"] == A and hit["seed_used"] == 3 and hit["nfe"] == N - 3
+    assert hit["cached_prompt"] == A and hit["seed_used"] == 3 and hit["nfe"] == N - 6
     # below the threshold: from scratch, said so, no error
     assert (
         main(

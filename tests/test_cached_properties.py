@@ -15,11 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rfmpc.cache import CacheWarning, DiskCacheStore
+from rfmpc.cache import CacheWarning, DiskCacheStore, ResumePolicy
 from rfmpc.cached import CachedGenerator
 from rfmpc.pipeline import load_pipeline
 
 N = 4
+# the serving band and the edit bands below it: every kind of hit, not only paraphrases
+POLICY = ResumePolicy().with_lower_bands(ResumePolicy.edit_bands())
 POOL = [
     "a red circle at the top left on a blue background",
     "red circle, large, top left; blue background",
@@ -71,7 +73,7 @@ def test_streams_keep_provenance_consistent(pipe, tmp_path_factory, ops):
                         data[len(data) // 2] ^= 0xFF
                     blob.write_bytes(bytes(data))
                 continue
-            gen = CachedGenerator(pipe, store, num_inference_steps=N)
+            gen = CachedGenerator(pipe, store, policy=POLICY, num_inference_steps=N)
             before = {i.entry_id: i for i in store.ls()}
             prompts = [POOL[i] for i in a]
             with warnings.catch_warnings():

@@ -9,7 +9,27 @@ larger K). The reference write-up (Patel, "Shooting Method and MPC for
 Cross-Prompt Caching in Rectified Flow Models", 2025) uses similarity bands 0.95 / 0.90 / 0.85 and
 generates from scratch below 0.85.
 
-Default mapping (fraction of the N steps skipped, i.e. the target resume step ``floor(f * N)``):
+Two mappings ship (fraction of the N steps skipped, i.e. the target resume step
+``floor(f * N)``):
+
+``ResumePolicy()``, the serving default, fitted on the dev prompt streams of
+``benchmarks/cache_stream.py --fit`` (``docs/cache.md``):
+
+=====================  ==========  =====================
+cosine similarity      fraction    N = 28 -> target step
+=====================  ==========  =====================
+>= 0.97                0.80        22
+< 0.97                 --          generate from scratch
+=====================  ==========  =====================
+
+Above 0.97 the cached prompt is the same prompt (another seed) or a paraphrase: it shares the
+layout *and* the details, so B resumes late. One-attribute edits lie mostly in 0.85-0.97; resuming
+them at the write-up's steps saved fewer calls over a stream than generating them and caching
+their states (a miss becomes an entry that later paraphrases resume from late; a hit does not).
+
+``ResumePolicy.edit_bands()``, the write-up's bands for a cross-prompt edit (``rfmpc switch
+--auto``, and the extension below the serving threshold that ``rfmpc generate --min-similarity``
+uses):
 
 =====================  ==========  =====================
 cosine similarity      fraction    N = 28 -> target step
@@ -20,9 +40,9 @@ cosine similarity      fraction    N = 28 -> target step
 < 0.85                 --          generate from scratch
 =====================  ==========  =====================
 
-These are deliberately more conservative than the speedups the write-up reports (2.25x / 1.75x
-/ 1.45x, i.e. ~56% / 43% / 31% of steps skipped); tune them per model with the switch
-benchmarks. The chosen step is the largest *cached* step not exceeding the target.
+These are more conservative than the speedups the write-up reports (2.25x / 1.75x / 1.45x,
+i.e. ~56% / 43% / 31% of steps skipped). The chosen step is the largest *cached* step not
+exceeding the target.
 """
 
 from __future__ import annotations
@@ -48,8 +68,8 @@ class ResumePolicy:
         min_step: smallest resume step worth taking (resuming at step 0 saves nothing).
     """
 
-    thresholds: tuple[float, ...] = (0.95, 0.90, 0.85)
-    fractions: tuple[float, ...] = (0.45, 0.30, 0.20)
+    thresholds: tuple[float, ...] = (0.97,)
+    fractions: tuple[float, ...] = (0.80,)
     min_step: int = 1
 
     def __post_init__(self):
@@ -77,6 +97,24 @@ class ResumePolicy:
             raise ValueError(f"min_step must be >= 1, got {self.min_step}")
         object.__setattr__(self, "thresholds", th)
         object.__setattr__(self, "fractions", fr)
+
+    @classmethod
+    def edit_bands(cls, min_step: int = 1) -> ResumePolicy:
+        """The write-up's bands for a cross-prompt edit: 0.95 / 0.90 / 0.85 -> 0.45 / 0.30 /
+        0.20 of the steps (module docstring)."""
+        return cls(thresholds=(0.95, 0.90, 0.85), fractions=(0.45, 0.30, 0.20), min_step=min_step)
+
+    def with_lower_bands(self, other: ResumePolicy) -> ResumePolicy:
+        """This policy's bands, then ``other``'s bands below this policy's lowest threshold (each
+        fraction capped by the one above it, so a higher similarity never resumes earlier)."""
+        if not isinstance(other, ResumePolicy):
+            raise TypeError(f"other must be a ResumePolicy, got {type(other).__name__}")
+        th, fr = list(self.thresholds), list(self.fractions)
+        for t, f in zip(other.thresholds, other.fractions):
+            if t < th[-1]:
+                th.append(t)
+                fr.append(min(f, fr[-1]))
+        return dataclasses.replace(self, thresholds=tuple(th), fractions=tuple(fr))
 
     def with_min_similarity(self, min_similarity: float) -> ResumePolicy:
         """This policy with no band below ``min_similarity`` (the bands above it unchanged; a

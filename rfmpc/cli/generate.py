@@ -98,8 +98,10 @@ def _cached(args, pipe) -> int:
     if args.negative_prompt is not None:
         raise ValueError("--negative-prompt is not supported with --cache (it is not cached)")
     policy = ResumePolicy()
-    if args.min_similarity is not None:
-        policy = policy.with_min_similarity(args.min_similarity)
+    if args.min_similarity is not None:  # below the serving band: the edit bands, to the floor
+        policy = policy.with_lower_bands(ResumePolicy.edit_bands()).with_min_similarity(
+            args.min_similarity
+        )
     controller = controller_from_name(args.controller or "mpc")
     with DiskCacheStore(args.cache) as store:
         gen = CachedGenerator(
@@ -178,7 +180,9 @@ def add_generate_parser(sub) -> None:
         "--min-similarity",
         type=float,
         default=None,
-        help="resume only from cached prompts at least this similar (default: the policy's)",
+        help="resume from cached prompts at least this similar (default 0.97, the fitted serving "
+        "policy: same prompt or a paraphrase, resumed at 80%% of the steps); below 0.97 the "
+        "write-up's edit bands apply (>= 0.95: 45%%, 0.90: 30%%, 0.85: 20%%), down to X",
     )
     g.add_argument(
         "--strict",

@@ -21,7 +21,7 @@ RESTORE_HELP = """Restore one image with MPC-Flow or a baseline and print its me
     rfmpc restore --task {inpaint-box,inpaint-random,deblur,sr2,sr4,denoise,nonlinear-deblur}
                   --method {mpc-rhc,mpc-dt,mpc-k1,pnp-flow,d-flow,flowgrad,oc-flow,flowchef}
                   [--image PNG | --prompt P] [--noise S] --seed S [--out PNG] [--json]
-                  [--prior {embedded,gmm}]
+                  [--prior {embedded,gmm}] [--mmse M]
 
 The ground truth is ``--image`` (resized to the model's resolution if needed), or the image
 ``rfmpc.data`` renders for ``--prompt``, or (neither) a held-out procedural scene drawn from the
@@ -102,12 +102,14 @@ def restore_files(
     noise: float | None = None,
     seed: int = 0,
     out: str | None = None,
+    mmse_samples: int = 1,
 ) -> dict:
     """:func:`rfmpc.restore.restore` with the truth read from the PNG ``image`` (if given) and a
     (measurement, estimate, truth) strip written to ``out`` (if given); returns the record."""
-    from rfmpc.restore import check_restore_args, restore
+    from rfmpc.restore import check_mmse, check_restore_args, restore
 
     check_restore_args(task, method, noise)  # before reading the file
+    check_mmse(method, mmse_samples)
     truth = None if image is None else load_png(image, prior.image_shape)
     res = restore(
         prior,
@@ -118,6 +120,7 @@ def restore_files(
         noise=noise,
         seed=seed,
         source=image,
+        mmse_samples=mmse_samples,
     )
     record = dict(res.record)
     if out:
@@ -138,6 +141,7 @@ def cmd_restore(args) -> int:
         noise=args.noise,
         seed=args.seed,
         out=args.out,
+        mmse_samples=args.mmse,
     )
     emit(out, args.json)
     return 0
@@ -163,6 +167,14 @@ def add_restore_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--noise", type=float, default=None, help="noise std (default: per task)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", help="write a PNG strip: measurement | restored | truth")
+    r.add_argument(
+        "--mmse",
+        type=int,
+        default=1,
+        metavar="M",
+        help="MPC-Flow methods: average M independent samples (an MMSE estimate, M times the "
+        "cost); default 1, a single sample",
+    )
     r.add_argument(
         "--prior",
         choices=PRIORS,

@@ -103,7 +103,7 @@ def run_switch(
     pooled = np.asarray(pipe.text_encoder.pooled([prompt_a, prompt_b]), np.float64)
     sim = float(pooled[0] @ pooled[1] / (np.linalg.norm(pooled[0]) * np.linalg.norm(pooled[1])))
     sim = float(np.clip(sim, -1.0, 1.0))  # the same prompt twice can give 1 + 1 ulp
-    policy = ResumePolicy()
+    policy = ResumePolicy.edit_bands()
     if at is None:
         at = policy.choose_step(sim, steps, list(range(1, steps)))
         if at is None:
