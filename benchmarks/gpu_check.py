@@ -432,6 +432,7 @@ def section_switch(sizes: Sizes, save: _Saver, deadline: float, tmp: Path) -> No
 
 
 def _child(args) -> int:
+    _bench("_torch_env").ensure_torchvision_importable()  # before diffusers imports transformers
     sizes = REHEARSE if args.rehearse else REAL
     names = args._section.split(",")
     for name in names:

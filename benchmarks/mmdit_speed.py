@@ -199,6 +199,9 @@ def diffusers_model(case: Case, tdev, tdtype, save_to: str | None = None):
     and with ``save_to`` the weights are saved there (safetensors) for rfmpc to load.
     """
     import torch
+    from _torch_env import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # before diffusers imports transformers
     from diffusers import SD3Transformer2DModel
 
     cfg = case.model
@@ -337,6 +340,9 @@ def _forward_worker(engine: str, case: Case, folder: str):
 
         tdtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
         if case.same_weights:
+            from _torch_env import ensure_torchvision_importable
+
+            ensure_torchvision_importable()
             from diffusers import SD3Transformer2DModel
 
             model = SD3Transformer2DModel.from_pretrained(folder).to(tdtype).eval()

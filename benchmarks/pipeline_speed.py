@@ -149,6 +149,9 @@ def make_generator(
         device = str(jax.devices()[0].device_kind)
     else:
         import torch
+        from _torch_env import ensure_torchvision_importable
+
+        ensure_torchvision_importable()  # transformers imports torchvision
         from diffusers import StableDiffusion3Pipeline
 
         t0 = time.perf_counter()

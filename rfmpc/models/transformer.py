@@ -82,6 +82,10 @@ class Transformer:
     Calling it runs a ``jax.jit``-compiled forward (compiled once per input shape). It is a
     pytree (leaves: ``params`` and ``buffers``), so it can be passed into jitted functions.
 
+    To change the weights, assign new states (``model.params = new_params``, as loaders, sharding
+    and ``jax.tree.map`` over the pytree do): the flattened weights are cached per ``params`` /
+    ``buffers`` object, so mutating those states in place is not seen by later calls.
+
     Attributes:
         config: the :class:`~rfmpc.models.configs.MMDiTConfig`.
         module: the nnx :class:`~rfmpc.models.mmdit.MMDiT` (shares arrays with ``params``).

@@ -1,0 +1,25 @@
+"""Let the benchmarks import diffusers' pipelines beside the CPU build of torch.
+
+``StableDiffusion3Pipeline`` imports transformers, which imports torchvision when it is
+installed (the test extra installs it for deepinv), and PyPI's torchvision does not load its ops
+beside CPU torch. ``tests/_torchvision.py`` explains the fix; this module applies it from the
+benchmarks (the same way ``_priors.py`` reaches the tests' helpers).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+def ensure_torchvision_importable() -> None:
+    """No-op unless torchvision is installed and its ops fail to load (then: define them)."""
+    if not (_TESTS / "_torchvision.py").is_file():  # an installed copy without the tests
+        return
+    if str(_TESTS) not in sys.path:
+        sys.path.append(str(_TESTS))
+    from _torchvision import ensure_importable
+
+    ensure_importable()
