@@ -11,8 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax
 import numpy as np
 import pytest
+from _torchvision import ensure_importable
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# diffusers -> transformers -> torchvision must import in every test process, whatever the
+# collection order (deepinv's tests used to apply this first by luck): see _torchvision.py
+ensure_importable()
 
 
 @pytest.fixture
