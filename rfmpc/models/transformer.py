@@ -26,6 +26,7 @@ from jaxtyping import Array, Float
 from rfmpc.models.configs import MMDiTConfig
 from rfmpc.models.mmdit import MMDiT
 from rfmpc.models.serialization import is_rfmpc_folder, load_model, save_model
+from rfmpc.sharding import MIN_SHARD_SIZE, shard_params
 
 __all__ = ["KIND", "Transformer", "load_transformer", "save_transformer"]
 
@@ -196,6 +197,11 @@ class Transformer:
         return Transformer(
             graphdef, jax.tree.map(cast, self.params), jax.tree.map(cast, self.buffers), self.config
         )
+
+    def shard(self, mesh, *, min_size: int = MIN_SHARD_SIZE) -> Transformer:
+        """A copy with its parameters and buffers placed on ``mesh`` by the FSDP rule
+        (:func:`rfmpc.sharding.shard_params`); implements :class:`rfmpc.sharding.Shardable`."""
+        return shard_params(self, mesh, min_size=min_size)
 
     def tree_flatten(self):
         return (self.params, self.buffers), (self.graphdef, self.config)
