@@ -677,8 +677,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _load_embedded(folder: Path, dtype) -> Pipeline:
+    from rfmpc.data.text_encoder_io import load_text_encoder
     from rfmpc.models import load_transformer
-    from rfmpc.models.text_encoder import load_text_encoder
 
     index = _read_json(folder / "model_index.json")
     te_dir = (folder / index.get("text_encoder", "text_encoder")).resolve()
