@@ -13,40 +13,11 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from rfmpc.sharding import (
-    DATA,
-    FSDP,
-    MIN_SHARD_SIZE,
-    BatchShardedField,
-    Shardable,
-    batch_sharding,
-    check_mesh,
-    gather,
-    initialize_distributed,
-    make_mesh,
-    param_spec,
-    replicate,
-    shard_batch,
-    shard_params,
-)
+from rfmpc.sharding import *  # noqa: F403  (re-exports every name of rfmpc.sharding.__all__)
+from rfmpc.sharding import MIN_SHARD_SIZE
+from rfmpc.sharding import __all__ as _SHARDING_NAMES
 
-__all__ = [
-    "DATA",
-    "FSDP",
-    "MIN_SHARD_SIZE",
-    "BatchShardedField",
-    "Shardable",
-    "batch_sharding",
-    "check_mesh",
-    "gather",
-    "initialize_distributed",
-    "make_mesh",
-    "param_spec",
-    "replicate",
-    "shard_batch",
-    "shard_params",
-    "shard_pipeline",
-]
+__all__ = [*_SHARDING_NAMES, "shard_pipeline"]
 
 
 def shard_pipeline(pipe: Any, mesh: Mesh, *, min_size: int = MIN_SHARD_SIZE) -> Any:
