@@ -5,7 +5,7 @@ Protocol (``docs/mpcflow.md``, "How the image-task table is produced"):
 1. **Tasks** from ``rfmpc.inverse.task_preset`` (PnP-Flow's conventions scaled to the model's
    image size): denoise, deblur, sr2, inpaint-random, inpaint-box.
 2. **Images**: ``n_dev + n_test`` held-out procedural ground truths
-   (``rfmpc.inverse.priors.heldout_images``, one stream from ``seed``); the fixed rule is *by
+   (``rfmpc.restore.heldout_images``, one stream from ``seed``); the fixed rule is *by
    index*: the first ``n_dev`` are the dev split, the rest the held-out test split.
 3. **MPC-Flow** variants -- ``mpc-k1`` (K = 1, denoise/deblur/sr2), ``mpc-rhc2`` (K = 2, every
    task), ``mpc-dt`` (Delta-t with 10 inner iterations, the masks) -- each tuned per task on the
@@ -73,9 +73,8 @@ from rfmpc.inverse import (
 from rfmpc.inverse.metrics import peak_memory, psnr, ssim, ssim_skimage, timed, to_unit
 from rfmpc.inverse.operators import TASKS, make_operator
 from rfmpc.inverse.paper import PAPER_METHODS
-from rfmpc.inverse.priors import heldout_images
 from rfmpc.inverse.registry import METHODS
-from rfmpc.restore import DEFAULT_NOISE
+from rfmpc.restore import DEFAULT_NOISE, heldout_images
 
 PAPER_TASKS = ("inpaint-box", "inpaint-random", "deblur", "sr2", "denoise", "nonlinear-deblur")
 RESULTS = Path(__file__).resolve().parent / "results"

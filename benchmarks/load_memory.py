@@ -2,7 +2,7 @@
 
 Writes a diffusers-format ``SD3Transformer2DModel`` folder with SD3-medium's released config
 (2.03B parameters) and random bf16 weights (streamed to disk tensor by tensor, ~4 GB), then, in a
-fresh subprocess, loads it with ``rfmpc.models.load_transformer`` and reports the process's
+fresh subprocess, loads it with ``rfmpc.convert.load_transformer`` and reports the process's
 resident memory before and after and its peak (``ru_maxrss``), beside the size of the weights.
 The loader memory-maps the file and converts one tensor at a time into device arrays, so the
 peak should be about one copy of the weights (in the target dtype) plus one tensor, not two
@@ -73,7 +73,7 @@ def _child(folder: str, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from rfmpc.models import load_transformer
+    from rfmpc.convert import load_transformer
 
     jax.numpy.zeros(1).block_until_ready()
     before = _rss()

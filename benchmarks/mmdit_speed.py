@@ -254,7 +254,8 @@ def torch_inputs(inp: dict[str, np.ndarray], tdev, tdtype) -> dict:
 def rfmpc_model(case: Case, jdtype, folder: str | None = None):
     """rfmpc's :class:`~rfmpc.models.Transformer` of ``case``: loaded from ``folder`` (the
     weights :func:`diffusers_model` saved) or, without one, randomly initialised on device."""
-    from rfmpc.models import MMDiT, Transformer, load_transformer
+    from rfmpc.convert import load_transformer
+    from rfmpc.models import MMDiT, Transformer
 
     if folder is not None:
         return load_transformer(folder, dtype=jdtype)

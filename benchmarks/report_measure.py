@@ -489,8 +489,7 @@ def _partial(rec: dict) -> None:
 
 def child_inverse(p, quick: bool, tmp: Path) -> dict:
     from rfmpc.inverse import METHODS
-    from rfmpc.inverse.priors import heldout_images
-    from rfmpc.restore import DEFAULT_NOISE
+    from rfmpc.restore import DEFAULT_NOISE, heldout_images
 
     it = _bench_module("inverse_table")
     prior = _bench_module("_priors").bench_prior(p.inverse_prior)

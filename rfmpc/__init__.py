@@ -30,8 +30,8 @@ def __getattr__(name: str):
         from rfmpc import cached
 
         return cached.CachedGenerator
-    if name in _PARALLEL:  # multi-device helpers (docs/parallel.md)
-        from rfmpc import parallel
+    if name in _PARALLEL:  # multi-device helpers, model-free (docs/parallel.md)
+        from rfmpc import sharding
 
-        return getattr(parallel, name)
+        return getattr(sharding, name)
     raise AttributeError(f"module 'rfmpc' has no attribute {name!r}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-__all__ = ["ConversionError", "convert_folder", "load_component"]
+__all__ = ["ConversionError", "convert_folder", "load_component", "load_transformer"]
 
 _COMPONENT_KINDS = {
     "transformer": "mmdit",
@@ -47,8 +47,6 @@ def _read_config(folder: Path) -> dict:
 
 def _load_diffusers(folder: Path, kind: str, dtype):
     if kind == "mmdit":
-        from rfmpc.models import load_transformer
-
         return load_transformer(folder, dtype=dtype)
     if kind == "vae":
         from weights_conversion.vae import load_vae
@@ -90,6 +88,38 @@ def _builder(kind: str, dtype):
     raise ValueError(f"unknown component kind {kind!r}")
 
 
+def load_transformer(folder: str | os.PathLike, dtype=jnp.float32, *, attention: str = "auto"):
+    """Load an SD3/SD3.5 MM-DiT from a diffusers or rfmpc folder as a jitted callable.
+
+    Args:
+        folder: diffusers transformer folder (``config.json`` +
+            ``diffusion_pytorch_model.safetensors`` or a sharded ``.safetensors.index.json``),
+            a whole diffusers pipeline folder (its ``transformer/`` subfolder is used), or an
+            rfmpc-format folder (:func:`rfmpc.models.save_transformer` / ``rfmpc convert``).
+        dtype: parameter and compute dtype (``jnp.float32`` or ``jnp.bfloat16``; LayerNorms,
+            softmax, residual streams and adaLN modulation stay float32 either way).
+        attention: ``"auto"`` (cuDNN flash attention for half precision on GPU, else XLA),
+            ``"xla"`` or ``"cudnn"``.
+
+    Returns a :class:`rfmpc.models.Transformer`; a diffusers folder is built abstractly
+    (``nnx.eval_shape``) and converted strictly by ``weights_conversion.mmdit``. Raises
+    :class:`~rfmpc.weights_io.WeightLoadError` on any missing, extra or mis-shaped key, and
+    ``ValueError`` on an unsupported config or dtype.
+    """
+    from rfmpc.models.serialization import is_rfmpc_folder
+    from rfmpc.models.transformer import Transformer, check_dtype, resolve_folder
+    from rfmpc.models.transformer import load_transformer as load_rfmpc_transformer
+
+    dtype = check_dtype(dtype)
+    folder = resolve_folder(Path(folder))
+    if is_rfmpc_folder(folder):
+        return load_rfmpc_transformer(folder, dtype, attention=attention)
+    from weights_conversion.mmdit import load_diffusers_mmdit
+
+    module, _ = load_diffusers_mmdit(folder, dtype=dtype, param_dtype=dtype, attention=attention)
+    return Transformer.from_module(module)
+
+
 def load_component(folder: str | os.PathLike, kind: str, dtype=jnp.float32):
     """Load one component (``mmdit``, ``vae``, ``clip``, ``t5``) from a diffusers/transformers
     folder or an rfmpc-format folder written by :func:`convert_folder`."""
@@ -99,8 +129,6 @@ def load_component(folder: str | os.PathLike, kind: str, dtype=jnp.float32):
     if not is_rfmpc_folder(folder):
         return _load_diffusers(folder, kind, dtype)
     if kind == "mmdit":
-        from rfmpc.models import load_transformer
-
         return load_transformer(folder, dtype=dtype)
     module, _ = load_model(folder, _builder(kind, dtype), kind=kind, dtype=dtype)
     return module

@@ -127,8 +127,7 @@ def _demo_switch(pipe, out: Path, steps: int, seed: int) -> dict:
 
 
 def _demo_restore(pipe, out: Path, seed: int) -> dict:
-    from rfmpc.cli.restore import restore_files
-    from rfmpc.restore import prior_from_pipeline
+    from rfmpc.restore import prior_from_pipeline, restore_files
 
     rec = restore_files(
         prior_from_pipeline(pipe),

@@ -24,6 +24,7 @@ the cost is paid on failure only).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -44,6 +45,17 @@ from rfmpc.flow import (
     flowmatch_sigmas,
     integrate,
     integrate_path,
+)
+from rfmpc.sharding import (
+    DATA,
+    FSDP,
+    MIN_SHARD_SIZE,
+    BatchShardedField,
+    Shardable,
+    check_mesh,
+    gather,
+    shard_batch,
+    shard_params,
 )
 
 __all__ = [
@@ -89,6 +101,10 @@ class PixelCodec:
     def describe(self) -> dict:
         return {"codec": "pixel"}
 
+    def shard(self, mesh, *, min_size: int = MIN_SHARD_SIZE) -> PixelCodec:
+        """No weights: the codec itself (:class:`rfmpc.sharding.Shardable`)."""
+        return self
+
 
 class VAECodec:
     """SD3's VAE: model latents <-> images, with the config's scaling and shift factors."""
@@ -124,6 +140,13 @@ class VAECodec:
 
     def describe(self) -> dict:
         return {"codec": "vae", **dataclasses.asdict(self.config)}
+
+    def shard(self, mesh, *, min_size: int = MIN_SHARD_SIZE) -> VAECodec:
+        """A copy whose VAE weights are placed on ``mesh`` by the FSDP rule
+        (:func:`rfmpc.sharding.shard_params`); the jitted decode/encode take them as argument."""
+        out = copy.copy(self)
+        out._state = shard_params(self._state, mesh, min_size=min_size)
+        return out
 
 
 # ----------------------------------------------------------------------------- text encoders
@@ -179,6 +202,10 @@ class EmbeddedTextEncoder:
         tok = self.encoder.tokenizer
         out = {p: tok.unknown_words(p) for p in prompts}
         return {p: w for p, w in out.items() if w}
+
+    def shard(self, mesh, *, min_size: int = MIN_SHARD_SIZE) -> EmbeddedTextEncoder:
+        """The encoder itself: the embedded model's small text encoder stays where it is."""
+        return self
 
 
 class SD3TextEncoders:
@@ -246,6 +273,16 @@ class SD3TextEncoders:
         _, p_g = self._clip_g(self._s_g, self._ids(self.tok_g, prompts, max_l))
         return jnp.concatenate([p_l, p_g], axis=-1)
 
+    def shard(self, mesh, *, min_size: int = MIN_SHARD_SIZE) -> SD3TextEncoders:
+        """A copy whose CLIP-L, CLIP-G (and T5) weights are placed on ``mesh`` by the FSDP rule
+        (:func:`rfmpc.sharding.shard_params`)."""
+        out = copy.copy(self)
+        out._s_l = shard_params(self._s_l, mesh, min_size=min_size)
+        out._s_g = shard_params(self._s_g, mesh, min_size=min_size)
+        if self.has_t5:
+            out._s_t5 = shard_params(self._s_t5, mesh, min_size=min_size)
+        return out
+
 
 # ----------------------------------------------------------------------------- the pipeline
 @dataclasses.dataclass
@@ -291,7 +328,7 @@ class Pipeline:
         model_id: a name for this model (cache entries from another model are never used).
         default_size: default image (height, width) in pixels.
         default_steps / default_guidance: defaults for :meth:`__call__`.
-        mesh: a :class:`jax.sharding.Mesh` (``rfmpc.parallel``) the weights were placed on by
+        mesh: a :class:`jax.sharding.Mesh` (``rfmpc.sharding``) the weights were placed on by
             ``load_pipeline(..., mesh=)``; calls then split the batch over its ``"data"`` axis.
             None (default): one device.
     """
@@ -396,6 +433,39 @@ class Pipeline:
     def decode(self, latents: Float[Array, "b h w c"]) -> Float[Array, "b H W 3"]:
         return self.codec.decode(latents)
 
+    def shard(self, mesh, *, min_size: int = MIN_SHARD_SIZE) -> Pipeline:
+        """A copy whose weights live on ``mesh``; calling it splits the batch over ``"data"``.
+
+        Each component places itself through its declared ``shard(mesh, *, min_size)`` method
+        (:class:`rfmpc.sharding.Shardable`): the MM-DiT's parameters and buffers, the VAE's and
+        the SD3 text encoders' weights by the FSDP rule (:func:`rfmpc.sharding.shard_params`);
+        the pixel codec and the embedded model's small text encoder stay as they are. A codec or
+        text encoder of your own without a ``shard`` method is left where it is. The copy's
+        ``mesh`` is set; the original pipeline is not modified.
+
+        Raises ``TypeError``/``ValueError`` for a mesh without the ``"data"`` and ``"fsdp"`` axes
+        and ``TypeError`` for a transformer that cannot shard itself.
+        """
+        check_mesh(mesh, DATA, FSDP)
+        if not isinstance(self.transformer, Shardable):
+            raise TypeError(
+                "pipe.transformer must be a Transformer (or declare shard(mesh, *, min_size)), "
+                f"got {type(self.transformer)}"
+            )
+
+        def place(component):
+            if isinstance(component, Shardable):
+                return component.shard(mesh, min_size=min_size)
+            return component
+
+        return dataclasses.replace(
+            self,
+            transformer=self.transformer.shard(mesh, min_size=min_size),
+            codec=place(self.codec),
+            text_encoder=place(self.text_encoder),
+            mesh=mesh,
+        )
+
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -431,7 +501,7 @@ class Pipeline:
             strict: raise ``ValueError`` instead of warning (:class:`UnknownWordsWarning`) when
                 a prompt has words the embedded model's vocabulary lacks (an SD3 folder's
                 encoders have an open vocabulary: nothing to check).
-            mesh: a ``rfmpc.parallel`` mesh (default: the pipeline's own, ``self.mesh``; None =
+            mesh: a ``rfmpc.sharding`` mesh (default: the pipeline's own, ``self.mesh``; None =
                 one device): the noise, the conditioning and every model call are split over
                 its ``"data"`` axis; the number of prompts must be a multiple of that axis size
                 (``ValueError`` otherwise). Weights are sharded only by ``load_pipeline(...,
@@ -493,8 +563,6 @@ class Pipeline:
         if mesh is None:
             field = self.guided_field(g)
         else:
-            from rfmpc.parallel import BatchShardedField, shard_batch
-
             latents, cond, uncond = shard_batch((latents, cond, uncond), mesh)
             # pin both the model's [uncond; cond] batch and the guided velocity to "data"
             guided = classifier_free_guidance(BatchShardedField(self.field, mesh), g)
@@ -534,8 +602,6 @@ class Pipeline:
             state = eqx.tree_at(lambda s: s.x, state, shard_batch(state.x, mesh))
         images = state.x if output_type == "latent" else self.decode(state.x)
         if mesh is not None:
-            from rfmpc.parallel import gather
-
             images = gather(images)  # multi-host: every process gets the whole batch
         if output_type == "pil":
             images = to_pil(images)
@@ -611,8 +677,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _load_embedded(folder: Path, dtype) -> Pipeline:
+    from rfmpc.data.text_encoder_io import load_text_encoder
     from rfmpc.models import load_transformer
-    from rfmpc.models.text_encoder import load_text_encoder
 
     index = _read_json(folder / "model_index.json")
     te_dir = (folder / index.get("text_encoder", "text_encoder")).resolve()
@@ -698,14 +764,12 @@ def load_pipeline(
 ) -> Pipeline:
     """Load the embedded default model (``None``) or a local diffusers SD3 pipeline folder.
 
-    ``mesh``: a :func:`rfmpc.parallel.make_mesh` mesh: the weights are placed on it (large ones
-    split over ``"fsdp"``, see :func:`rfmpc.parallel.shard_pipeline`) and calls split the batch
+    ``mesh``: a :func:`rfmpc.sharding.make_mesh` mesh: the weights are placed on it (large ones
+    split over ``"fsdp"``, see :meth:`Pipeline.shard`) and calls split the batch
     over ``"data"``. None (default): one device.
     """
     if mesh is not None:
-        from rfmpc.parallel import shard_pipeline
-
-        return shard_pipeline(load_pipeline(folder, dtype=dtype), mesh)
+        return load_pipeline(folder, dtype=dtype).shard(mesh)
     if folder is None:
         if not (EMBEDDED_DIR / "model_index.json").is_file():
             raise FileNotFoundError(

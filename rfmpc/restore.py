@@ -5,9 +5,12 @@ inverse solvers of :mod:`rfmpc.inverse`.
 image shape, latent decoder); :func:`prior_from_pipeline` adapts an :class:`rfmpc.pipeline.Pipeline`
 to it and :func:`provide_prior` names the priors the command line and the benchmarks offer.
 :func:`restore` measures one ground truth ``y = A(truth) + noise`` with a task's operator, restores
-it with a registered method and scores it. Reading and writing PNG files is the command line's
-business (:mod:`rfmpc.cli.restore`); :mod:`rfmpc.inverse` never imports this module, the models or
-the pipeline.
+it with a registered method and scores it; :func:`restore_files` does the same with the truth read
+from a PNG and a result strip written to one (PNG files through :mod:`rfmpc.viz`).
+:func:`procedural_prior`, :func:`heldout_images` and :func:`render_prompt` render :mod:`rfmpc.data`
+scenes for it: they live here, not in ``rfmpc.inverse.priors``, so that :mod:`rfmpc.inverse` imports
+neither the data package, nor this module, the models or the pipeline. The argparse front end is
+:mod:`rfmpc.cli.restore`.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from jaxtyping import Array, Float
+
+if TYPE_CHECKING:
+    from rfmpc.inverse.priors import IsotropicMixtureField
 
 __all__ = [
     "DEFAULT_NOISE",
@@ -26,9 +33,13 @@ __all__ = [
     "Restoration",
     "check_mmse",
     "check_restore_args",
+    "heldout_images",
     "prior_from_pipeline",
+    "procedural_prior",
     "provide_prior",
+    "render_prompt",
     "restore",
+    "restore_files",
 ]
 
 #: Measurement noise std per task, in model units ([-1, 1] images).
@@ -97,6 +108,48 @@ def prior_from_pipeline(pipe, name: str | None = None) -> Prior:
     )
 
 
+# ----------------------------------------------------------------------------- procedural images
+def _to_model(img01: np.ndarray) -> np.ndarray:
+    return (2.0 * np.asarray(img01, np.float32) - 1.0).astype(np.float32)
+
+
+def procedural_prior(
+    num_components: int = 256, resolution: int = 32, tau: float = 0.1, seed: int = 0
+) -> IsotropicMixtureField:
+    """A mixture over ``num_components`` rendered *training-split* scenes (model space [-1, 1]):
+    the exact :class:`rfmpc.inverse.IsotropicMixtureField` the ``gmm`` prior uses."""
+    from rfmpc.data import render, sample_split_scene
+    from rfmpc.inverse.priors import IsotropicMixtureField
+
+    rng = np.random.default_rng(seed)
+    imgs = [
+        render(sample_split_scene(rng, "train"), resolution=resolution)
+        for _ in range(num_components)
+    ]
+    return IsotropicMixtureField(_to_model(np.stack(imgs)), tau)
+
+
+def heldout_images(n: int, resolution: int = 32, seed: int = 1) -> Float[Array, "n h w 3"]:
+    """``n`` rendered *held-out-split* scenes in model space ``[-1, 1]`` (ground truths)."""
+    import jax.numpy as jnp
+
+    from rfmpc.data import render, sample_split_scene
+
+    rng = np.random.default_rng(seed)
+    imgs = [render(sample_split_scene(rng, "heldout"), resolution=resolution) for _ in range(n)]
+    return jnp.asarray(_to_model(np.stack(imgs)))
+
+
+def render_prompt(prompt: str, resolution: int = 32) -> Float[Array, "1 h w 3"]:
+    """The ground-truth image of a grammar prompt (``rfmpc.data``), model space, batch of 1."""
+    import jax.numpy as jnp
+
+    from rfmpc.data.grammar import parse_prompt
+    from rfmpc.data.render import render
+
+    return jnp.asarray(_to_model(render(parse_prompt(prompt), resolution=resolution))[None])
+
+
 #: Priors :func:`provide_prior` knows.
 PRIORS = ("embedded", "gmm")
 
@@ -106,12 +159,10 @@ def provide_prior(name: str = "embedded") -> Prior:
 
     ``"embedded"``: the embedded default model, ``rfmpc.pipeline.load_pipeline(None)``.
     ``"gmm"``: the exact isotropic Gaussian mixture over 256 rendered training-split scenes at
-    32x32 (``rfmpc.inverse.priors.procedural_prior``); needs no trained weights.
+    32x32 (:func:`procedural_prior`); needs no trained weights.
     Any other model: build its pipeline and adapt it with :func:`prior_from_pipeline`.
     """
     if name == "gmm":
-        from rfmpc.inverse.priors import procedural_prior
-
         f = procedural_prior()
         return Prior(
             name="gmm (isotropic mixture of 256 procedural scenes, tau 0.1)",
@@ -204,7 +255,6 @@ def restore(
 
     from rfmpc.inverse.metrics import peak_memory, psnr, ssim, to_unit
     from rfmpc.inverse.operators import add_noise, make_operator
-    from rfmpc.inverse.priors import heldout_images, render_prompt
     from rfmpc.inverse.registry import make_solver
 
     check_restore_args(task, method, noise)
@@ -269,3 +319,40 @@ def restore(
         estimate=np.asarray(est[0]),
         truth=np.asarray(ref[0]),
     )
+
+
+def restore_files(
+    prior,
+    *,
+    task: str,
+    method: str,
+    image: str | None = None,
+    prompt: str | None = None,
+    noise: float | None = None,
+    seed: int = 0,
+    out: str | None = None,
+    mmse_samples: int = 1,
+) -> dict:
+    """:func:`rfmpc.restore.restore` with the truth read from the PNG ``image`` (if given) and a
+    (measurement, estimate, truth) strip written to ``out`` (if given); returns the record."""
+    from rfmpc.viz import load_png, save_strip
+
+    check_restore_args(task, method, noise)  # before reading the file
+    check_mmse(method, mmse_samples)
+    truth = None if image is None else load_png(image, prior.image_shape)
+    res = restore(
+        prior,
+        task=task,
+        method=method,
+        truth=truth,
+        prompt=prompt,
+        noise=noise,
+        seed=seed,
+        source=image,
+        mmse_samples=mmse_samples,
+    )
+    record = dict(res.record)
+    if out:
+        save_strip(out, res.panels)
+        record["out"] = str(out)
+    return record

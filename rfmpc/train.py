@@ -236,7 +236,7 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if encoder is None:
-        from rfmpc.models.text_encoder import load_text_encoder
+        from rfmpc.data.text_encoder_io import load_text_encoder
 
         encoder = load_text_encoder()
     mcfg = embedded_mmdit_config(cfg, encoder.seq_dim, encoder.pooled_dim)

@@ -1,4 +1,5 @@
-"""PNG grids with captions (Pillow), for results people would rather see than read."""
+"""PNG files (Pillow): grids with captions and strips for results people would rather see than
+read, and :func:`load_png`, which reads a ground-truth image for a restoration."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["image_grid", "save_grid"]
+__all__ = ["image_grid", "load_png", "save_grid", "save_strip"]
 
 
 def image_grid(
@@ -58,3 +59,61 @@ def save_grid(path: str | Path, images, captions: Sequence[str] | None = None, *
     image_grid(images, captions, **kw).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+#: PIL modes ``--image`` accepts (8-bit; converted to RGB).
+_IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+
+
+def load_png(path: str, image_shape) -> np.ndarray:
+    """Read an 8-bit image as a ``(1, h, w, 3)`` float32 array in model space ``[-1, 1]``.
+
+    ``image_shape`` is the model's ``(h, w, c)``; an image of the same aspect ratio but another
+    size is resized (bicubic). Wrong aspect ratios, transparency, 16-bit or unreadable files raise
+    ``ValueError`` saying how to fix the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--image {path}: no such file")
+    h, w, c = image_shape
+    try:
+        img = Image.open(p)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image {path} is not a readable image ({e}); pass a PNG file") from e
+    if img.mode not in _IMAGE_MODES:
+        raise ValueError(
+            f"--image {path} has mode {img.mode!r}, expected 8-bit RGB, grey or palette "
+            f"({', '.join(_IMAGE_MODES)}); save it as an 8-bit RGB PNG first"
+        )
+    if "A" in img.mode and img.getchannel("A").getextrema()[0] < 255:
+        raise ValueError(
+            f"--image {path} has transparent pixels (mode {img.mode}); flatten it onto a "
+            "background and save it as RGB first"
+        )
+    if img.width * h != img.height * w:
+        raise ValueError(
+            f"--image {path} is {img.width}x{img.height} (width x height) but the model works on "
+            f"{w}x{h} images; resizing would distort it: crop it to a {w}:{h} aspect ratio first"
+        )
+    img = img.convert("RGB")
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BICUBIC)
+    arr = np.asarray(img, np.float32) / 255.0
+    if c != 3:
+        raise ValueError(f"the model works on {c}-channel images; --image gives RGB")
+    return (2.0 * arr - 1.0)[None]
+
+
+def save_strip(path: str, panels, scale: int = 4) -> None:
+    """Write ``(h, w, 3)`` images in ``[0, 1]`` side by side as a PNG, upscaled ``scale`` times
+    (nearest neighbour)."""
+    from PIL import Image
+
+    strip = np.concatenate([np.asarray(p) for p in panels], axis=1)
+    img = Image.fromarray(np.clip(strip * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)

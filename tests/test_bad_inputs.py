@@ -62,7 +62,7 @@ from rfmpc.control import (
     switch,
     switch_batch,
 )
-from rfmpc.convert import ConversionError, convert_folder
+from rfmpc.convert import ConversionError, convert_folder, load_transformer
 from rfmpc.flow import StateFileError, TrajectoryState, flowmatch_sigmas, integrate
 from rfmpc.inverse import (
     AveragePool,
@@ -74,7 +74,6 @@ from rfmpc.inverse import (
     make_solver,
 )
 from rfmpc.inverse.hexagon import hexagon_field, load_hexagon_mlp, receding_horizon
-from rfmpc.models import load_transformer
 from rfmpc.pipeline import load_pipeline
 from rfmpc.restore import Prior, restore
 from weights_conversion.safetensors_io import WeightLoadError

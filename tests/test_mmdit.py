@@ -24,6 +24,7 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_em
 from flax import nnx
 from safetensors.torch import load_file, save_file
 
+from rfmpc.convert import load_transformer  # diffusers or rfmpc folder
 from rfmpc.models import (
     SD3_MEDIUM,
     SD35_LARGE,
@@ -31,7 +32,6 @@ from rfmpc.models import (
     MMDiT,
     MMDiTConfig,
     Transformer,
-    load_transformer,
     save_transformer,
 )
 from rfmpc.models.mmdit import sincos_pos_embed_2d, timestep_embedding
@@ -339,6 +339,13 @@ def test_rfmpc_format_roundtrip(saved, tmp_path):
     np.testing.assert_array_equal(_run(again, inp, TIMESTEPS[1]), _run(ours, inp, TIMESTEPS[1]))
     halved = load_transformer(out_folder, dtype=jnp.bfloat16)
     assert jax.tree.leaves(halved.params)[0].dtype == jnp.bfloat16
+    # the models layer reads rfmpc's format alone (it never imports weights_conversion)
+    from rfmpc import models
+
+    mine = models.load_transformer(out_folder)
+    np.testing.assert_array_equal(_run(mine, inp, TIMESTEPS[1]), _run(ours, inp, TIMESTEPS[1]))
+    with pytest.raises(ValueError, match=r"rfmpc\.convert\.load_transformer"):
+        models.load_transformer(folder)
 
 
 def test_rfmpc_format_is_strict(saved, tmp_path):

@@ -110,6 +110,41 @@ def test_one_device_mesh_is_the_identity():
         BatchShardedField("not a field", mesh)
 
 
+def test_pipeline_shard_asks_each_component():
+    """``Pipeline.shard`` (and the old ``shard_pipeline``) place each component through its own
+    declared ``shard`` method: the transformer's pytree and a VAE codec's weights are placed on
+    the mesh, a component without ``shard`` (the stub text encoder) is left as it is, the
+    original pipeline is not modified; values are unchanged on one device."""
+    from _models import tiny_mmdit_pipeline
+    from flax import nnx
+
+    from rfmpc.models.vae import AutoencoderKL, VAEConfig
+    from rfmpc.parallel import shard_pipeline
+    from rfmpc.pipeline import VAECodec
+    from rfmpc.sharding import Shardable
+
+    mesh = make_mesh()
+    pipe = tiny_mmdit_pipeline()
+    cfg = VAEConfig(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    pipe.codec = VAECodec(AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    assert isinstance(pipe.transformer, Shardable) and isinstance(pipe.codec, Shardable)
+    assert not isinstance(pipe.text_encoder, Shardable)
+    for sharded in (pipe.shard(mesh), shard_pipeline(pipe, mesh)):
+        assert sharded.mesh is mesh and pipe.mesh is None
+        assert sharded.text_encoder is pipe.text_encoder
+        assert sharded.codec is not pipe.codec
+        for a, b in zip(jax.tree.leaves(pipe.transformer), jax.tree.leaves(sharded.transformer)):
+            assert b.sharding.mesh == mesh
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        z = jnp.zeros((1, 4, 4, 4))
+        np.testing.assert_allclose(
+            np.asarray(sharded.codec.decode(z)), np.asarray(pipe.codec.decode(z)), atol=1e-6
+        )
+    pipe.transformer = object()
+    with pytest.raises(TypeError, match="must be a Transformer"):
+        pipe.shard(mesh)
+
+
 def test_initialize_distributed_validates_before_initialising():
     with pytest.raises(ValueError, match="together"):
         initialize_distributed("localhost:1234", num_processes=2)

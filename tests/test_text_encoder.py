@@ -11,6 +11,11 @@ import pytest
 from flax import nnx
 
 from rfmpc.data import STYLES, VOCABULARY, PromptTokenizer, sample_scene, split_words, to_prompt
+from rfmpc.data.text_encoder_io import (
+    DEFAULT_TEXT_ENCODER_DIR,
+    load_text_encoder,
+    save_text_encoder,
+)
 from rfmpc.data.train_text import (
     TrainTextConfig,
     mutate_scene,
@@ -19,13 +24,7 @@ from rfmpc.data.train_text import (
     shared_attributes,
     train_text_encoder,
 )
-from rfmpc.models.text_encoder import (
-    DEFAULT_TEXT_ENCODER_DIR,
-    TextEncoder,
-    TextEncoderConfig,
-    load_text_encoder,
-    save_text_encoder,
-)
+from rfmpc.models.text_encoder import TextEncoder, TextEncoderConfig
 
 TINY = TextEncoderConfig(
     vocab_size=64, max_length=32, width=32, depth=1, num_heads=2, pooled_dim=16

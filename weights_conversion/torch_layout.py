@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weights_conversion.safetensors_io import TensorSource, WeightLoadError, _path_str
+from rfmpc.weights_io import TensorSource, WeightLoadError, _path_str
 
 __all__ = ["abstract_model", "convert_by_path", "model_param_shapes", "read_config", "torch_key"]
 

@@ -1,18 +1,18 @@
 """``rfmpc restore``: restore an image from a degraded measurement with a flow prior.
 
-The library side lives in :mod:`rfmpc.restore` (priors, :func:`rfmpc.restore.restore`) and
-:mod:`rfmpc.inverse` (operators, solvers, metrics); this module is the argparse front end and the
-PNG input/output (:func:`load_png`, :func:`save_strip`, :func:`restore_files`).
+The library side lives in :mod:`rfmpc.restore` (priors, :func:`rfmpc.restore.restore`,
+:func:`~rfmpc.restore.restore_files`), :mod:`rfmpc.viz` (PNG input/output: :func:`load_png`,
+:func:`save_strip`) and :mod:`rfmpc.inverse` (operators, solvers, metrics); this module is the
+argparse front end and re-exports those three names.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import numpy as np
 
 from rfmpc.cli._common import emit
+from rfmpc.restore import restore_files
+from rfmpc.viz import load_png, save_strip
 
 __all__ = ["add_restore_parser", "load_png", "restore_files", "save_strip"]
 
@@ -33,100 +33,6 @@ the prompt only renders the truth, it does not condition the model (that would l
 The model comes from ``rfmpc.restore.provide_prior`` (``--prior``; default: the embedded model
 through ``rfmpc.pipeline.load_pipeline(None)``, adapted by ``prior_from_pipeline``).
 """
-
-#: PIL modes ``--image`` accepts (8-bit; converted to RGB).
-_IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
-
-
-def load_png(path: str, image_shape) -> np.ndarray:
-    """Read an 8-bit image as a ``(1, h, w, 3)`` float32 array in model space ``[-1, 1]``.
-
-    ``image_shape`` is the model's ``(h, w, c)``; an image of the same aspect ratio but another
-    size is resized (bicubic). Wrong aspect ratios, transparency, 16-bit or unreadable files raise
-    ``ValueError`` saying how to fix the file.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--image {path}: no such file")
-    h, w, c = image_shape
-    try:
-        img = Image.open(p)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"--image {path} is not a readable image ({e}); pass a PNG file") from e
-    if img.mode not in _IMAGE_MODES:
-        raise ValueError(
-            f"--image {path} has mode {img.mode!r}, expected 8-bit RGB, grey or palette "
-            f"({', '.join(_IMAGE_MODES)}); save it as an 8-bit RGB PNG first"
-        )
-    if "A" in img.mode and img.getchannel("A").getextrema()[0] < 255:
-        raise ValueError(
-            f"--image {path} has transparent pixels (mode {img.mode}); flatten it onto a "
-            "background and save it as RGB first"
-        )
-    if img.width * h != img.height * w:
-        raise ValueError(
-            f"--image {path} is {img.width}x{img.height} (width x height) but the model works on "
-            f"{w}x{h} images; resizing would distort it: crop it to a {w}:{h} aspect ratio first"
-        )
-    img = img.convert("RGB")
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BICUBIC)
-    arr = np.asarray(img, np.float32) / 255.0
-    if c != 3:
-        raise ValueError(f"the model works on {c}-channel images; --image gives RGB")
-    return (2.0 * arr - 1.0)[None]
-
-
-def save_strip(path: str, panels, scale: int = 4) -> None:
-    """Write ``(h, w, 3)`` images in ``[0, 1]`` side by side as a PNG, upscaled ``scale`` times
-    (nearest neighbour)."""
-    from PIL import Image
-
-    strip = np.concatenate([np.asarray(p) for p in panels], axis=1)
-    img = Image.fromarray(np.clip(strip * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-
-
-def restore_files(
-    prior,
-    *,
-    task: str,
-    method: str,
-    image: str | None = None,
-    prompt: str | None = None,
-    noise: float | None = None,
-    seed: int = 0,
-    out: str | None = None,
-    mmse_samples: int = 1,
-) -> dict:
-    """:func:`rfmpc.restore.restore` with the truth read from the PNG ``image`` (if given) and a
-    (measurement, estimate, truth) strip written to ``out`` (if given); returns the record."""
-    from rfmpc.restore import check_mmse, check_restore_args, restore
-
-    check_restore_args(task, method, noise)  # before reading the file
-    check_mmse(method, mmse_samples)
-    truth = None if image is None else load_png(image, prior.image_shape)
-    res = restore(
-        prior,
-        task=task,
-        method=method,
-        truth=truth,
-        prompt=prompt,
-        noise=noise,
-        seed=seed,
-        source=image,
-        mmse_samples=mmse_samples,
-    )
-    record = dict(res.record)
-    if out:
-        save_strip(out, res.panels)
-        record["out"] = str(out)
-    return record
 
 
 def cmd_restore(args) -> int:

@@ -66,6 +66,7 @@ from rfmpc.control.schedules import BlendedField, BlendSchedule, blend_nfe
 from rfmpc.flow.schedule import flowmatch_sigmas
 from rfmpc.flow.solve import integrate, integrate_path
 from rfmpc.flow.state import TrajectoryState
+from rfmpc.sharding import shard_batch
 
 __all__ = [
     "BatchSwitchResult",
@@ -586,7 +587,7 @@ def switch_batch(
     leading axis ``B``; all pairs must share the switch step and the grid. ``conds_b``,
     ``similarity`` ``(B,)`` and the arrays of ``cached`` are stacked likewise.
 
-    ``mesh`` (a :func:`rfmpc.parallel.make_mesh` mesh; default None = one device): the pairs are
+    ``mesh`` (a :func:`rfmpc.sharding.make_mesh` mesh; default None = one device): the pairs are
     split over its ``"data"`` axis (``B`` must be a multiple of its size, else ``ValueError``).
     """
     if controller is None:
@@ -651,8 +652,6 @@ def switch_batch(
     key = states_a.key
     velocity, final = cached.velocity, cached.final
     if mesh is not None:
-        from rfmpc.parallel import shard_batch
-
         x, noise, cond_a, conds_b, key, sim, velocity, final = shard_batch(
             (x, noise, cond_a, conds_b, key, sim, velocity, final), mesh
         )

@@ -46,14 +46,9 @@ from rfmpc.data.scene import (
     Scene,
     visible_colours,
 )
+from rfmpc.data.text_encoder_io import DEFAULT_TEXT_ENCODER_DIR, save_text_encoder
 from rfmpc.data.tokenizer import PromptTokenizer
-from rfmpc.models.text_encoder import (
-    DEFAULT_TEXT_ENCODER_DIR,
-    PromptEncoder,
-    TextEncoder,
-    TextEncoderConfig,
-    save_text_encoder,
-)
+from rfmpc.models.text_encoder import PromptEncoder, TextEncoder, TextEncoderConfig
 
 __all__ = [
     "TrainTextConfig",

@@ -45,7 +45,7 @@ from rfmpc.inverse.operators import (
     task_preset,
 )
 from rfmpc.inverse.paper import PAPER_METHODS, paper_solver
-from rfmpc.inverse.priors import IsotropicMixtureField, procedural_prior
+from rfmpc.inverse.priors import IsotropicMixtureField
 from rfmpc.inverse.registry import METHODS, make_solver
 
 __all__ = [
@@ -87,7 +87,6 @@ __all__ = [
     "mpc_rhc",
     "paper_solver",
     "peak_memory",
-    "procedural_prior",
     "psnr",
     "random_inpainting",
     "ssim",

@@ -26,6 +26,7 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from rfmpc.inverse.operators import AbstractOperator
+from rfmpc.sharding import BatchShardedField, replicate, shard_batch
 
 __all__ = [
     "AbstractInverseSolver",
@@ -347,11 +348,9 @@ class AbstractInverseSolver(eqx.Module):
     @staticmethod
     def _place(problem: InverseProblem, key, mesh):
         """Put ``problem`` and ``key`` on ``mesh``: the images of ``y`` and every model call split
-        over ``"data"`` (:class:`rfmpc.parallel.BatchShardedField`), the rest replicated."""
+        over ``"data"`` (:class:`rfmpc.sharding.BatchShardedField`), the rest replicated."""
         if mesh is None:
             return problem, key
-        from rfmpc.parallel import BatchShardedField, replicate, shard_batch
-
         problem = InverseProblem(
             BatchShardedField(problem.field, mesh),
             problem.operator,
@@ -388,10 +387,10 @@ class AbstractInverseSolver(eqx.Module):
             decode: latent -> image for latent models; ``None`` for pixel-space models.
             shape: the model state's batch shape; required with ``decode``, otherwise inferred
                 from the operator (``operator.input_shape(y.shape)``).
-            mesh: a :func:`rfmpc.parallel.make_mesh` mesh (default None: one device): the images
+            mesh: a :func:`rfmpc.sharding.make_mesh` mesh (default None: one device): the images
                 are split over its ``"data"`` axis (their number must be a multiple of its size,
                 else ``ValueError``); ``cond`` is replicated; the field's parameters stay where
-                they are (shard them with ``rfmpc.parallel.shard_params``).
+                they are (shard them with ``rfmpc.sharding.shard_params``).
         """
         problem, shape = self._problem(field, operator, y, noise_std, cond, decode, shape)
         problem, key = self._place(problem, key, mesh)

@@ -4,8 +4,9 @@
 ``p0 = sum_k w_k N(mu_k, tau^2 I)`` on NHWC images (the isotropic special case of
 :class:`rfmpc.flow.GaussianMixture`, evaluated in ``O(K D)`` instead of ``O(K D^3)``), so the
 inverse solvers and the benchmark can run end to end on 32x32 images without a trained network.
-:func:`procedural_prior` centres the components on images rendered by :mod:`rfmpc.data` (training
-split); :func:`heldout_images` renders held-out scenes as ground truth.
+It knows nothing of :mod:`rfmpc.data`: :func:`rfmpc.restore.procedural_prior` centres the
+components on rendered training-split scenes and :func:`rfmpc.restore.heldout_images` renders
+held-out scenes as ground truth (the layer above, which may import the data package).
 
 With ``a = 1 - sigma`` and ``c = a^2 tau^2 + sigma^2``: responsibilities
 ``r_k ∝ w_k exp(-||x - a mu_k||^2 / (2 c))`` and
@@ -17,10 +18,9 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
-__all__ = ["IsotropicMixtureField", "heldout_images", "procedural_prior", "render_prompt"]
+__all__ = ["IsotropicMixtureField"]
 
 
 class IsotropicMixtureField(eqx.Module):
@@ -83,38 +83,3 @@ class IsotropicMixtureField(eqx.Module):
         kc, kz = jax.random.split(key)
         comp = jax.random.categorical(kc, self.log_weights, shape=(n,))
         return self.means[comp] + self.tau * jax.random.normal(kz, (n, *self.image_shape))
-
-
-def _to_model(img01: np.ndarray) -> np.ndarray:
-    return (2.0 * np.asarray(img01, np.float32) - 1.0).astype(np.float32)
-
-
-def procedural_prior(
-    num_components: int = 256, resolution: int = 32, tau: float = 0.1, seed: int = 0
-) -> IsotropicMixtureField:
-    """A mixture over ``num_components`` rendered *training-split* scenes (model space [-1, 1])."""
-    from rfmpc.data import render, sample_split_scene
-
-    rng = np.random.default_rng(seed)
-    imgs = [
-        render(sample_split_scene(rng, "train"), resolution=resolution)
-        for _ in range(num_components)
-    ]
-    return IsotropicMixtureField(_to_model(np.stack(imgs)), tau)
-
-
-def heldout_images(n: int, resolution: int = 32, seed: int = 1) -> Float[Array, "n h w 3"]:
-    """``n`` rendered *held-out-split* scenes in model space ``[-1, 1]`` (ground truths)."""
-    from rfmpc.data import render, sample_split_scene
-
-    rng = np.random.default_rng(seed)
-    imgs = [render(sample_split_scene(rng, "heldout"), resolution=resolution) for _ in range(n)]
-    return jnp.asarray(_to_model(np.stack(imgs)))
-
-
-def render_prompt(prompt: str, resolution: int = 32) -> Float[Array, "1 h w 3"]:
-    """The ground-truth image of a grammar prompt (``rfmpc.data``), model space, batch of 1."""
-    from rfmpc.data.grammar import parse_prompt
-    from rfmpc.data.render import render
-
-    return jnp.asarray(_to_model(render(parse_prompt(prompt), resolution=resolution))[None])

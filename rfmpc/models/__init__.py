@@ -1,6 +1,8 @@
 """Flax (nnx) networks: the SD3 / SD3.5 MM-DiT, its configs, loading and rfmpc's format.
 
-Entry point: :func:`load_transformer` (diffusers or rfmpc folder -> jitted callable).
+Entry point: :func:`load_transformer` (rfmpc-format folder -> jitted callable); diffusers folders
+load through :func:`rfmpc.convert.load_transformer`, since the models never import
+``weights_conversion`` (nor ``rfmpc.data``).
 """
 
 from rfmpc.models.attention import JointAttention

@@ -11,7 +11,7 @@ A folder holds
 Both files are written atomically (temporary file in the same folder, fsync, ``os.replace``), so
 a crash never leaves a half-written file under the final name. Loading builds the model
 abstractly with ``nnx.eval_shape`` (no random init) and fills it strictly through
-:func:`weights_conversion.load_into_model`. Safetensors + JSON only: nothing is unpickled.
+:func:`rfmpc.weights_io.load_into_model`. Safetensors + JSON only: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from rfmpc.io import user_file_mode
-from weights_conversion.safetensors_io import WeightLoadError, load_into_model, open_folder
+from rfmpc.weights_io import WeightLoadError, load_into_model, open_folder
 
 __all__ = [
     "CONFIG_NAME",
@@ -190,7 +190,7 @@ def read_model_config(folder: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     if not isinstance(data, dict) or "_rfmpc_kind" not in data or "config" not in data:
         raise WeightLoadError(
             f"{path}: not an rfmpc config (no '_rfmpc_kind'/'config'); for diffusers folders use "
-            "rfmpc.models.load_transformer"
+            "rfmpc.convert.load_transformer"
         )
     version = data.get("_rfmpc_format")
     if version != FORMAT_VERSION:

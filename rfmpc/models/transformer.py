@@ -1,15 +1,11 @@
-"""Load an SD3 MM-DiT (diffusers or rfmpc folder) as a jitted, pure function of its parameters.
+"""An SD3 MM-DiT as a jitted, pure function of its parameters (:class:`Transformer`).
 
-:func:`load_transformer` is the public entry point: it accepts
-
-- a diffusers transformer folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or a
-  sharded ``diffusion_pytorch_model.safetensors.index.json``), or a whole diffusers pipeline
-  folder (its ``transformer/`` subfolder is used);
-- an rfmpc-format folder written by :func:`save_transformer` / ``rfmpc convert``,
-
-builds the model abstractly (``nnx.eval_shape``), converts strictly and returns a
-:class:`Transformer`: call it like the network, or use :meth:`Transformer.apply` with explicit
-parameters for gradients.
+:func:`load_transformer` loads an rfmpc-format folder written by :func:`save_transformer` /
+``rfmpc convert``: it builds the model abstractly (``nnx.eval_shape``), fills it strictly and
+returns a :class:`Transformer`: call it like the network, or use :meth:`Transformer.apply` with
+explicit parameters for gradients. Diffusers folders are converted on load by
+:func:`rfmpc.convert.load_transformer` (either format), one layer up: the models never import
+the key maps of ``weights_conversion``.
 """
 
 from __future__ import annotations
@@ -26,8 +22,16 @@ from jaxtyping import Array, Float
 from rfmpc.models.configs import MMDiTConfig
 from rfmpc.models.mmdit import MMDiT
 from rfmpc.models.serialization import is_rfmpc_folder, load_model, save_model
+from rfmpc.sharding import MIN_SHARD_SIZE, shard_params
 
-__all__ = ["KIND", "Transformer", "load_transformer", "save_transformer"]
+__all__ = [
+    "KIND",
+    "Transformer",
+    "check_dtype",
+    "load_transformer",
+    "resolve_folder",
+    "save_transformer",
+]
 
 #: Kind tag of MM-DiT folders in rfmpc's format.
 KIND = "mmdit"
@@ -181,9 +185,7 @@ class Transformer:
         model loaded in bfloat16: the weights are the bf16-rounded values, upcast exactly, and
         every matmul then runs in float32 (see ``docs/performance.md`` for the measured deltas).
         """
-        dtype = jnp.dtype(dtype)
-        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        dtype = check_dtype(dtype)
         if dtype == jnp.dtype(self.dtype):
             return self
         abstract = nnx.eval_shape(
@@ -196,6 +198,11 @@ class Transformer:
         return Transformer(
             graphdef, jax.tree.map(cast, self.params), jax.tree.map(cast, self.buffers), self.config
         )
+
+    def shard(self, mesh, *, min_size: int = MIN_SHARD_SIZE) -> Transformer:
+        """A copy with its parameters and buffers placed on ``mesh`` by the FSDP rule
+        (:func:`rfmpc.sharding.shard_params`); implements :class:`rfmpc.sharding.Shardable`."""
+        return shard_params(self, mesh, min_size=min_size)
 
     def tree_flatten(self):
         return (self.params, self.buffers), (self.graphdef, self.config)
@@ -211,7 +218,8 @@ class Transformer:
         return f"Transformer({self.config}, params={n:,})"
 
 
-def _resolve_folder(folder: Path) -> Path:
+def resolve_folder(folder: Path) -> Path:
+    """``folder``, or its ``transformer/`` subfolder if it is a whole pipeline folder."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a directory; pass a transformer model folder")
     if (folder / "model_index.json").is_file() and (folder / "transformer").is_dir():
@@ -219,41 +227,47 @@ def _resolve_folder(folder: Path) -> Path:
     return folder
 
 
+def check_dtype(dtype) -> jnp.dtype:
+    """``dtype`` as a ``jnp.dtype`` if it is float32, bfloat16 or float16 (else ``ValueError``)."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
 def load_transformer(
     folder: str | os.PathLike, dtype=jnp.float32, *, attention: str = "auto"
 ) -> Transformer:
-    """Load an SD3/SD3.5 MM-DiT from a diffusers or rfmpc folder as a jitted callable.
+    """Load an MM-DiT saved in rfmpc's format (:func:`save_transformer` / ``rfmpc convert``).
 
     Args:
-        folder: diffusers transformer folder, diffusers pipeline folder, or rfmpc-format folder.
+        folder: an rfmpc-format transformer folder, or a converted pipeline folder (its
+            ``transformer/`` subfolder is used).
         dtype: parameter and compute dtype (``jnp.float32`` or ``jnp.bfloat16``; LayerNorms,
             softmax, residual streams and adaLN modulation stay float32 either way).
         attention: ``"auto"`` (cuDNN flash attention for half precision on GPU, else XLA),
             ``"xla"`` or ``"cudnn"``.
 
-    Returns a :class:`Transformer`. Raises
-    :class:`~weights_conversion.safetensors_io.WeightLoadError` on any missing, extra or
+    Returns a :class:`Transformer`. A diffusers folder needs its key map, which lives outside the
+    models (``weights_conversion``): load it with :func:`rfmpc.convert.load_transformer` (either
+    format) or convert it once with ``rfmpc convert``; this function raises ``ValueError``
+    saying so. Raises :class:`~rfmpc.weights_io.WeightLoadError` on any missing, extra or
     mis-shaped key, and ``ValueError`` on an unsupported config.
     """
-    from weights_conversion.mmdit import load_diffusers_mmdit
-
-    dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    folder = _resolve_folder(Path(folder))
-    if is_rfmpc_folder(folder):
-
-        def build(cfg):
-            config = MMDiTConfig.from_diffusers(cfg)
-            return MMDiT(
-                config, dtype=dtype, param_dtype=dtype, attention=attention, rngs=nnx.Rngs(0)
-            )
-
-        module, _ = load_model(folder, build, kind=KIND)
-    else:
-        module, _ = load_diffusers_mmdit(
-            folder, dtype=dtype, param_dtype=dtype, attention=attention
+    dtype = check_dtype(dtype)
+    folder = resolve_folder(Path(folder))
+    if not is_rfmpc_folder(folder):
+        raise ValueError(
+            f"{folder} is not an rfmpc-format transformer folder (a diffusers one?): load it "
+            "with rfmpc.convert.load_transformer, which converts diffusers folders on load, or "
+            "convert it once with `rfmpc convert`"
         )
+
+    def build(cfg):
+        config = MMDiTConfig.from_diffusers(cfg)
+        return MMDiT(config, dtype=dtype, param_dtype=dtype, attention=attention, rngs=nnx.Rngs(0))
+
+    module, _ = load_model(folder, build, kind=KIND)
     return Transformer.from_module(module)
 
 
