@@ -254,7 +254,10 @@ def torch_inputs(inp: dict[str, np.ndarray], tdev, tdtype) -> dict:
 def rfmpc_model(case: Case, jdtype, folder: str | None = None):
     """rfmpc's :class:`~rfmpc.models.Transformer` of ``case``: loaded from ``folder`` (the
     weights :func:`diffusers_model` saved) or, without one, randomly initialised on device."""
-    from rfmpc.convert import load_transformer
+    try:
+        from rfmpc.convert import load_transformer
+    except ImportError:  # a --baseline-rfmpc checkout from before the loader moved up a layer
+        from rfmpc.models import load_transformer
     from rfmpc.models import MMDiT, Transformer
 
     if folder is not None:
