@@ -1,4 +1,4 @@
-"""Let the benchmarks import diffusers' pipelines beside the CPU build of torch.
+"""The torch side of the benchmarks: diffusers beside CPU torch, and the tests' torch fixtures.
 
 ``StableDiffusion3Pipeline`` imports transformers, which imports torchvision when it is
 installed (the test extra installs it for deepinv), and PyPI's torchvision does not load its ops
@@ -23,3 +23,19 @@ def ensure_torchvision_importable() -> None:
     from _torchvision import ensure_importable
 
     ensure_importable()
+
+
+def torch_fixtures():
+    """``tests/_torch_fixtures.py``: tiny offline PyTorch SD3 components and tokenizers (test
+    code, kept out of the wheel; the benchmarks borrow it as ``_priors.py`` borrows
+    ``tests/_models.py``)."""
+    if not (_TESTS / "_torch_fixtures.py").is_file():
+        raise FileNotFoundError(
+            f"{_TESTS / '_torch_fixtures.py'} is missing: run the benchmarks from a checkout of "
+            "the repository (the fixtures are test code, not part of the installed package)"
+        )
+    if str(_TESTS) not in sys.path:
+        sys.path.append(str(_TESTS))
+    import _torch_fixtures
+
+    return _torch_fixtures

@@ -14,7 +14,7 @@ what it measured so far is kept, the rest is marked skipped, and the next sectio
    (989 TFLOP/s for H100 and H200); peak device memory of each framework.
 2. ``generation``: a 1024^2-size SD3-medium generation, 28 steps with CFG, end to end (text
    encoding, denoising, decoding): SD3-medium's transformer (random weights, bf16) behind the
-   tiny fixture text encoders and VAE (``weights_conversion.fixtures``, VAE factor 4, so the
+   tiny fixture text encoders and VAE (``tests/_torch_fixtures.py``, VAE factor 4, so the
    512^2 decode is the fixture's), rfmpc vs diffusers, round-robin.
 3. ``parity``: float32 parity with diffusers at SD3-medium size (same random weights converted
    in memory; matmuls at full float32 precision in both: no TF32), relative errors.
@@ -295,8 +295,9 @@ def section_fwd(sizes: Sizes, save: _Saver, deadline: float, section: str) -> No
 
 def section_generation(sizes: Sizes, save: _Saver, deadline: float, tmp: Path) -> None:
     import torch
+    from _torch_env import torch_fixtures
 
-    from weights_conversion.fixtures import build_tiny_sd3_pipeline
+    build_tiny_sd3_pipeline = torch_fixtures().build_tiny_sd3_pipeline
 
     ps = _bench("pipeline_speed")
     on_gpu = _on_gpu() and torch.cuda.is_available()

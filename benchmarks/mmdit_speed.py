@@ -391,7 +391,7 @@ def _generation_worker(engine: str, folder: str, steps: int):
 
 
 #: Full small generation: 128x128 image (32x32x16 latent), the bar MM-DiT config, tiny VAE and
-#: text encoders of ``weights_conversion.fixtures``, 77 CLIP + GEN_MSL T5 tokens.
+#: text encoders of ``tests/_torch_fixtures.py``, 77 CLIP + GEN_MSL T5 tokens.
 GEN_SIZE, GEN_MSL = 128, 16
 
 
@@ -642,7 +642,9 @@ def _build(folder: str, case_name: str) -> None:
 
 
 def _build_pipeline(folder: str, case_name: str) -> None:
-    from weights_conversion.fixtures import build_tiny_sd3_pipeline
+    from _torch_env import torch_fixtures
+
+    build_tiny_sd3_pipeline = torch_fixtures().build_tiny_sd3_pipeline
 
     c = CASES[case_name].model.to_diffusers()
     keep = (

@@ -246,8 +246,9 @@ def main(argv=None) -> int:
         print(json.dumps(rec))
         return 0
     import numpy as np
+    from _torch_env import torch_fixtures
 
-    from weights_conversion.fixtures import build_tiny_sd3_pipeline
+    build_tiny_sd3_pipeline = torch_fixtures().build_tiny_sd3_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "sd3"

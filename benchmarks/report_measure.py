@@ -220,7 +220,9 @@ def child_mmdit(p, quick: bool, tmp: Path, case_name: str, engine: str) -> dict:
 
 
 def child_generation_build(p, quick: bool, tmp: Path, config: str) -> dict:
-    from weights_conversion.fixtures import build_tiny_sd3_pipeline
+    from _torch_env import torch_fixtures
+
+    build_tiny_sd3_pipeline = torch_fixtures().build_tiny_sd3_pipeline
 
     ps = _bench_module("pipeline_speed")
     folder = tmp / f"gen-{config}" / "sd3"
@@ -288,9 +290,10 @@ def child_vae(p, quick: bool, tmp: Path, engine: str) -> dict:
     }
     if engine == "diffusers":
         import torch
+        from _torch_env import torch_fixtures
         from diffusers import AutoencoderKL
 
-        from weights_conversion.fixtures import randomize_
+        randomize_ = torch_fixtures().randomize_
 
         on_gpu = torch.cuda.is_available()
         tdev = torch.device("cuda" if on_gpu else "cpu")

@@ -11,14 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from weights_conversion.clip import load_clip_text  # noqa: E402
-from weights_conversion.fixtures import (  # noqa: E402
+from _torch_fixtures import (  # noqa: E402
     build_tiny_sd3_pipeline,
     randomize_,
     tiny_vae,
     train_clip_tokenizer,
     train_t5_tokenizer,
 )
+
+from weights_conversion.clip import load_clip_text  # noqa: E402
 from weights_conversion.t5 import load_t5_encoder  # noqa: E402
 from weights_conversion.vae import load_vae  # noqa: E402
 

@@ -8,9 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from _torch_fixtures import build_tiny_sd3_pipeline  # noqa: E402
+
 from rfmpc.flow import TrajectoryState, integrate  # noqa: E402
 from rfmpc.pipeline import load_pipeline  # noqa: E402
-from weights_conversion.fixtures import build_tiny_sd3_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")

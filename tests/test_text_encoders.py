@@ -16,18 +16,18 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from _meta_checkpoint import meta_source  # noqa: E402
+from _torch_fixtures import (  # noqa: E402
+    tiny_clip_text_model,
+    tiny_t5_encoder,
+    train_clip_tokenizer,
+    train_t5_tokenizer,
+)
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from rfmpc.models.clip import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E402
 from rfmpc.models.t5 import T5Config, T5EncoderModel, relative_position_bucket  # noqa: E402
 from weights_conversion import WeightLoadError  # noqa: E402
 from weights_conversion.clip import convert_clip_params, load_clip_text  # noqa: E402
-from weights_conversion.fixtures import (  # noqa: E402
-    tiny_clip_text_model,
-    tiny_t5_encoder,
-    train_clip_tokenizer,
-    train_t5_tokenizer,
-)
 from weights_conversion.t5 import convert_t5_params, load_t5_encoder  # noqa: E402
 from weights_conversion.torch_layout import abstract_model  # noqa: E402
 

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from _meta_checkpoint import meta_source  # noqa: E402
+from _torch_fixtures import tiny_vae  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from rfmpc.models.vae import (  # noqa: E402
@@ -25,7 +26,6 @@ from rfmpc.models.vae import (  # noqa: E402
     sample_latents,
 )
 from weights_conversion import WeightLoadError  # noqa: E402
-from weights_conversion.fixtures import tiny_vae  # noqa: E402
 from weights_conversion.torch_layout import abstract_model  # noqa: E402
 from weights_conversion.vae import convert_vae_params, load_vae  # noqa: E402
 
