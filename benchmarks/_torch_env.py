@@ -34,6 +34,7 @@ def torch_fixtures():
             f"{_TESTS / '_torch_fixtures.py'} is missing: run the benchmarks from a checkout of "
             "the repository (the fixtures are test code, not part of the installed package)"
         )
+    ensure_torchvision_importable()  # the fixtures import diffusers and transformers
     if str(_TESTS) not in sys.path:
         sys.path.append(str(_TESTS))
     import _torch_fixtures
