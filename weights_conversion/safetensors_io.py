@@ -4,22 +4,5 @@ The reader moved into the package so that :mod:`rfmpc.models` can load rfmpc-for
 without importing ``weights_conversion``; the key maps here keep importing it under this name.
 """
 
-from rfmpc.weights_io import (
-    SafetensorsFile,
-    TensorSource,
-    WeightLoadError,
-    find_weight_files,
-    load_into_model,
-    open_folder,
-    release_pages,
-)
-
-__all__ = [
-    "SafetensorsFile",
-    "TensorSource",
-    "WeightLoadError",
-    "find_weight_files",
-    "load_into_model",
-    "open_folder",
-    "release_pages",
-]
+from rfmpc.weights_io import *  # noqa: F403  (re-exports every name of rfmpc.weights_io.__all__)
+from rfmpc.weights_io import __all__  # noqa: F401
