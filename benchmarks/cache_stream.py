@@ -51,6 +51,9 @@ expect minutes per prompt on a CPU.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import dataclasses
 import datetime as _dt
@@ -66,6 +69,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks._common import loadavg_1min
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve()
@@ -170,7 +175,7 @@ def generate(pipe, prompts, seeds, steps: int, batch: int = 32) -> np.ndarray:
 
 def score(pipe, latents, prompts, ref_latents=None) -> dict:
     from rfmpc.data import attribute_accuracy, parse_prompt
-    from rfmpc.inverse.metrics import psnr, ssim
+    from rfmpc.metrics import psnr, ssim
 
     img = pipe.decode(jnp.asarray(latents))
     out = {
@@ -530,7 +535,7 @@ def faults(args) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return loadavg_1min(float("nan"))
 
 
 def _controllers(names):

@@ -15,10 +15,12 @@ plot of terminal error and control energy against K beside the global solution, 
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks._common import loadavg_1min
 from rfmpc.inverse.hexagon import (
     delta_t_horizon,
     global_control,
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
         stamp = _dt.date.today().isoformat()
         stem = RESULTS_DIR / f"{stamp}-cpu-mpcflow_hexagon"
         dev = jax.devices()[0]
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        load = loadavg_1min(float("nan"))
         lines = [
             "## MPC-Flow 2D hexagon (the authors' weights), authors' convention",
             "",

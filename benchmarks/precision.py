@@ -29,6 +29,9 @@ Four measurements, each against ``fp32``:
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import datetime as _dt
 import json

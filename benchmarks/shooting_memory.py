@@ -26,6 +26,9 @@ On a GPU the same programs also run once and report ``peak_bytes_in_use`` from t
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import dataclasses
 import datetime as _dt

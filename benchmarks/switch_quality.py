@@ -38,6 +38,9 @@ the same image) likewise. Controllers that use a similarity get the pooled text 
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import datetime as _dt
 import json
@@ -52,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._common import loadavg_1min
 from rfmpc.control import (
     MPC,
     OSQP,
@@ -173,15 +177,6 @@ def _block(o):
     return o
 
 
-def _median_time(fn, runs: int) -> float:
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        _block(fn())
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def measure_ratios(field, x, sigma, cond, runs: int = 15) -> dict:
     """Cost of one JVP and one VJP relative to one forward pass (jitted, interleaved medians)."""
     f = jax.jit(lambda z: field(z, sigma, cond))
@@ -237,7 +232,7 @@ class Setup:
         return jax.tree.map(lambda t: t.reshape((-1, *t.shape[2:])), a)
 
     def score(self, x) -> dict:
-        from rfmpc.inverse.metrics import psnr
+        from rfmpc.metrics import psnr
 
         img = self.pipe.decode(x)
         return {
@@ -763,7 +758,7 @@ def gmm_report(samples: int = 512) -> tuple[str, list[dict]]:
 
 # ----------------------------------------------------------------------------- main
 def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return loadavg_1min(float("nan"))
 
 
 def _header(title: str, args, extra: str = "") -> str:
