@@ -59,16 +59,10 @@ from benchmarks._common import loadavg_1min
 from rfmpc.control import (
     MPC,
     OSQP,
-    Adaptive,
-    Blend,
     Direct,
     Frozen,
     JVPBlocks,
-    MultipleShooting,
     Reproject,
-    SDEdit,
-    Shooting,
-    ShootingMPC,
     SwitchCache,
     stack_states,
     switch,
@@ -87,24 +81,28 @@ BANDS = (
 SPLIT_SEEDS = {"dev": 1000, "heldout": 2000}
 
 
+#: The MPC's other linearisations and targets, and a seed-target reproject, listed after the
+#: registry entry they vary.
+VARIANTS = {
+    "reproject": (("reproject[seed,3]", lambda: Reproject(iters=3, target="seed")),),
+    "mpc": (
+        ("mpc[seed]", lambda: MPC(target="seed")),
+        ("mpc[frozen-4]", lambda: MPC(linearisation=Frozen(probes=4))),
+        ("mpc[jvp-blocks,osqp]", lambda: MPC(linearisation=JVPBlocks(), solver=OSQP())),
+    ),
+}
+
+
 def controllers() -> list[tuple[str, object]]:
-    """The rows of the table: (label, controller) -- every class with its defaults, plus the
-    MPC's other linearisations and target for comparison."""
-    return [
-        ("direct", Direct()),
-        ("blend", Blend()),
-        ("adaptive", Adaptive()),
-        ("reproject", Reproject()),
-        ("reproject[seed,3]", Reproject(iters=3, target="seed")),
-        ("sdedit", SDEdit()),
-        ("mpc", MPC()),
-        ("mpc[seed]", MPC(target="seed")),
-        ("mpc[frozen-4]", MPC(linearisation=Frozen(probes=4))),
-        ("mpc[jvp-blocks,osqp]", MPC(linearisation=JVPBlocks(), solver=OSQP())),
-        ("shooting", Shooting()),
-        ("multiple-shooting", MultipleShooting()),
-        ("shooting-mpc", ShootingMPC()),
-    ]
+    """The rows of the table: (label, controller) -- every registered controller
+    (``rfmpc.cli.switch.CONTROLLERS``) with its defaults, each followed by its :data:`VARIANTS`."""
+    from rfmpc.cli.switch import CONTROLLERS
+
+    rows = []
+    for name, cls in CONTROLLERS.items():
+        rows.append((name, cls()))
+        rows += [(label, make()) for label, make in VARIANTS.get(name, ())]
+    return rows
 
 
 QUICK = ("direct", "reproject", "mpc", "shooting")
