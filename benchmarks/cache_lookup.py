@@ -1,7 +1,7 @@
 """Trajectory-cache lookup speed: ``SimilarityIndex.nearest`` over 100k entries vs brute force.
 
-    python benchmarks/cache_lookup.py                      # n=100k, d in {64, 2048}
-    python benchmarks/cache_lookup.py --n 100000 --dims 64,2048 --json --save
+    python -m benchmarks.cache_lookup                      # n=100k, d in {64, 2048}
+    python -m benchmarks.cache_lookup --n 100000 --dims 64,2048 --json --save
 
 The target (issue 7): a lookup over 100k cached prompts answers in < 50 ms on CPU, for the
 embedded model's pooled embeddings (d = 64) and SD3's (d = 2048). Per d and data kind this

@@ -1,9 +1,9 @@
 """What the trajectory cache saves on a stream of prompts, at what quality, against baselines.
 
-    python benchmarks/cache_stream.py --save                  # held-out streams, every controller
-    python benchmarks/cache_stream.py --fit --save            # dev stream: fit the ResumePolicy
-    python benchmarks/cache_stream.py --faults --save         # SIGKILL mid-stream, two processes
-    python benchmarks/cache_stream.py --model SD3_FOLDER ...  # a real SD3 folder (see below)
+    python -m benchmarks.cache_stream --save                  # held-out streams, every controller
+    python -m benchmarks.cache_stream --fit --save            # dev stream: fit the ResumePolicy
+    python -m benchmarks.cache_stream --faults --save         # SIGKILL mid-stream, two processes
+    python -m benchmarks.cache_stream --model SD3_FOLDER ...  # a real SD3 folder (see below)
 
 Streams (:func:`make_stream`, ``--n`` requests each, served through
 :class:`rfmpc.cached.CachedGenerator` in calls of ``--batch`` prompts, in order, into an empty
@@ -717,7 +717,7 @@ def main(argv=None) -> int:
     header = (
         f"- device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} cores; jax "
         f"{jax.__version__}; date {stamp}; load average (1 min) at start {_load():.2f}\n"
-        f"- command: `python benchmarks/cache_stream.py {argv_s}`\n"
+        f"- command: `python -m benchmarks.cache_stream {argv_s}`\n"
     )
     if args.faults:
         res = faults(args)

@@ -26,9 +26,9 @@ Protocol (``docs/mpcflow.md``, "How the image-task table is produced"):
 
 Usage::
 
-    python benchmarks/inverse_table.py --field embedded --n-dev 8 --n-test 16 --save
-    python benchmarks/inverse_table.py --quick            # smoke run (reduced settings)
-    python benchmarks/inverse_table.py --legacy --field gmm --n-images 4   # the old table
+    python -m benchmarks.inverse_table --field embedded --n-dev 8 --n-test 16 --save
+    python -m benchmarks.inverse_table --quick            # smoke run (reduced settings)
+    python -m benchmarks.inverse_table --legacy --field gmm --n-images 4   # the old table
 
 ``--legacy`` keeps the project's older table (``make_operator`` tasks, default solvers, no
 splits); ``benchmarks/report_measure.py`` uses its ``run_task``. Progress goes to stderr; the

@@ -8,7 +8,7 @@ The loader memory-maps the file and converts one tensor at a time into device ar
 peak should be about one copy of the weights (in the target dtype) plus one tensor, not two
 copies. On CPU, "device" arrays live in host memory, so that one copy is host memory too.
 
-Usage: python benchmarks/load_memory.py [--config sd3-medium|sd35-medium|sd35-large]
+Usage: python -m benchmarks.load_memory [--config sd3-medium|sd35-medium|sd35-large]
        [--dtype bfloat16|float32] [--dir DIR] [--json] [--save]
 """
 

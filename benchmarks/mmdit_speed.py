@@ -1,9 +1,9 @@
 """MM-DiT forward and full small generation: rfmpc vs diffusers (eager, ``torch.compile``) and
 keras-hub's JAX ``MMDiT``, in one run, interleaved.
 
-    python benchmarks/mmdit_speed.py                      # the bar case (below), every engine
-    python benchmarks/mmdit_speed.py --save               # write benchmarks/results/ (idle only)
-    python benchmarks/mmdit_speed.py --baseline-rfmpc ../main --engines rfmpc --no-generation
+    python -m benchmarks.mmdit_speed                      # the bar case (below), every engine
+    python -m benchmarks.mmdit_speed --save               # write benchmarks/results/ (idle only)
+    python -m benchmarks.mmdit_speed --baseline-rfmpc ../main --engines rfmpc --no-generation
 
 The bar case (``--case bar``, issue 18): SD3.5-style small MM-DiT, 4 layers, 4 heads x 32, RMS
 QK-norm, dual attention in blocks 0-1, 32x32x16 latent, 32 text tokens, batch 2, float32.

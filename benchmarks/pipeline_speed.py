@@ -11,7 +11,7 @@ Configs:
               with random weights; VAE and text encoders are the tiny fixture ones, so the time is
               the transformer's 28 CFG steps plus a small decode (say so when you cite it).
 
-Usage: python benchmarks/pipeline_speed.py [--config small] [--steps 28] [--runs 3] [--json]
+Usage: python -m benchmarks.pipeline_speed [--config small] [--steps 28] [--runs 3] [--json]
        [--save]
 """
 

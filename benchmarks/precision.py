@@ -1,8 +1,8 @@
 """bf16 vs fp32: what bfloat16 inference costs in quality, and why the control code keeps fp32.
 
-    python benchmarks/precision.py             # embedded model, full run (CPU: ~5 min)
-    python benchmarks/precision.py --quick     # fewer prompts
-    python benchmarks/precision.py --json --save
+    python -m benchmarks.precision             # embedded model, full run (CPU: ~5 min)
+    python -m benchmarks.precision --quick     # fewer prompts
+    python -m benchmarks.precision --json --save
 
 Measured on the shipped embedded model (real trained weights; the only ones a fresh machine has),
 in one process, three variants of the same network:

@@ -1,10 +1,10 @@
 """One report: every benchmark this device allows, each beside its reference, measured in one run.
 
-    python benchmarks/report.py                       # auto: CPU profile here, GPU profile on GPU
-    python benchmarks/report.py --quick               # smaller/fewer cases (a smoke run)
-    python benchmarks/report.py --config tiny-gpu-path  # the GPU code path (bf16) at toy size
-    python benchmarks/report.py --only mmdit --only vae --json --out /tmp/r
-    python benchmarks/report.py --render benchmarks/results/<file>.json  # markdown again
+    python -m benchmarks.report                       # auto: CPU profile here, GPU profile on GPU
+    python -m benchmarks.report --quick               # smaller/fewer cases (a smoke run)
+    python -m benchmarks.report --config tiny-gpu-path  # the GPU code path (bf16) at toy size
+    python -m benchmarks.report --only mmdit --only vae --json --out /tmp/r
+    python -m benchmarks.report --render benchmarks/results/<file>.json  # markdown again
 
 Sections (``--only``; default all): ``peak`` (device info and the FLOP/s peak MFU is taken
 against), ``mmdit`` (rfmpc vs diffusers eager and ``torch.compile``), ``generation`` (28 steps +

@@ -1,7 +1,7 @@
 """Memory of exact shooting gradients through a 28-step solve, in forward activations.
 
-    python benchmarks/shooting_memory.py            # embedded-size and a wider MM-DiT, CPU
-    python benchmarks/shooting_memory.py --json --save
+    python -m benchmarks.shooting_memory            # embedded-size and a wider MM-DiT, CPU
+    python -m benchmarks.shooting_memory --json --save
 
 The issue's bar: ``jax.grad`` of the single-shooting objective through the whole remaining solve
 must fit in the memory of ~3 forward activations, by checkpointing. Measured here from XLA's own

@@ -1,9 +1,9 @@
 """Prompt-switch quality against cost, on held-out prompt pairs, with equal-cost baselines.
 
-    python benchmarks/switch_quality.py --save                 # held-out split, the table + PNG
-    python benchmarks/switch_quality.py --tune --save          # dev split: fit MPC() / Adaptive
-    python benchmarks/switch_quality.py --provider gmm --save  # exact GMM: analytic vs exact J
-    python benchmarks/switch_quality.py --quick                # a smoke run (2 pairs, 1 seed)
+    python -m benchmarks.switch_quality --save                 # held-out split, the table + PNG
+    python -m benchmarks.switch_quality --tune --save          # dev split: fit MPC() / Adaptive
+    python -m benchmarks.switch_quality --provider gmm --save  # exact GMM: analytic vs exact J
+    python -m benchmarks.switch_quality --quick                # a smoke run (2 pairs, 1 seed)
 
 Setting. Prompt A runs ``k`` of ``N = 28`` steps from seed noise ``eps`` (the embedded model,
 CFG 4, its own grid) and is cached with what a cache stores beside the state: ``v_A(x_k)``, A's
@@ -765,7 +765,7 @@ def _header(title: str, args, extra: str = "") -> str:
         f"## {title}\n\n- device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} cores; "
         f"jax {jax.__version__}; date {_dt.date.today().isoformat()}; load average (1 min) at "
         f"start {args.load_start:.2f}, end {_load():.2f}\n"
-        f"- command: `python benchmarks/switch_quality.py {' '.join(args.argv)}`{extra}"
+        f"- command: `python -m benchmarks.switch_quality {' '.join(args.argv)}`{extra}"
     )
 
 
