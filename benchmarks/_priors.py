@@ -6,26 +6,19 @@ timing/memory plumbing only, its restorations mean nothing.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+from benchmarks._common import tests_module
 from rfmpc.restore import PRIORS as LIBRARY_PRIORS
 from rfmpc.restore import provide_prior
 
 __all__ = ["BENCH_PRIORS", "bench_prior"]
 
 BENCH_PRIORS = (*LIBRARY_PRIORS, "tiny-mmdit")
-_TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
 def bench_prior(name: str):
     """The prior called ``name`` (one of :data:`BENCH_PRIORS`)."""
     if name == "tiny-mmdit":
-        if str(_TESTS) not in sys.path:
-            sys.path.insert(0, str(_TESTS))
-        from _models import tiny_mmdit_prior
-
-        return tiny_mmdit_prior()
+        return tests_module("_models").tiny_mmdit_prior()
     if name not in LIBRARY_PRIORS:
         raise ValueError(f"unknown prior {name!r}; choose one of {list(BENCH_PRIORS)}")
     return provide_prior(name)

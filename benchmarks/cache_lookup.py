@@ -1,7 +1,7 @@
 """Trajectory-cache lookup speed: ``SimilarityIndex.nearest`` over 100k entries vs brute force.
 
-    python benchmarks/cache_lookup.py                      # n=100k, d in {64, 2048}
-    python benchmarks/cache_lookup.py --n 100000 --dims 64,2048 --json --save
+    python -m benchmarks.cache_lookup                      # n=100k, d in {64, 2048}
+    python -m benchmarks.cache_lookup --n 100000 --dims 64,2048 --json --save
 
 The target (issue 7): a lookup over 100k cached prompts answers in < 50 ms on CPU, for the
 embedded model's pooled embeddings (d = 64) and SD3's (d = 2048). Per d and data kind this
@@ -29,37 +29,21 @@ counts the time slices other processes took.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from benchmarks._common import RESULTS, cpu_name, loadavg_1min, slug
 from rfmpc.cache.index import SimilarityIndex
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
 
 
 def _data(kind: str, n: int, d: int, rng: np.random.Generator):
@@ -113,7 +97,7 @@ def run(n: int, dims: list[int], queries: int, seed: int) -> dict:
         for kind in ("prompt-like", "isotropic"):
             x, fresh = _data(kind, n, d, rng)
             ids = [f"{i:032x}" for i in range(n)]
-            load_before = _loadavg()
+            load_before = loadavg_1min()
             t0 = time.perf_counter()
             index = SimilarityIndex()
             index.add_many(ids, x, model_id="m", config_hash="c")
@@ -176,7 +160,7 @@ def run(n: int, dims: list[int], queries: int, seed: int) -> dict:
     return {
         "benchmark": "cache_lookup",
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "device": f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores visible)",
+        "device": f"CPU: {cpu_name()} ({os.cpu_count()} logical cores visible)",
         "numpy": np.__version__,
         "n": n,
         "queries_per_cell": queries,
@@ -227,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(rec)
     print(json.dumps(rec) if args.json else table)
     if args.save:
-        out = Path(__file__).parent / "results"
+        out = RESULTS
         out.mkdir(exist_ok=True)
-        host = re.sub(r"[^A-Za-z0-9]+", "-", _cpu_name()).strip("-").lower() or "cpu"
+        host = slug(cpu_name()) or "cpu"
         stem = out / f"{_dt.date.today().isoformat()}-{host}-cache_lookup"
         stem.with_suffix(".json").write_text(json.dumps(rec, indent=1) + "\n")
         stem.with_suffix(".md").write_text(table + "\n")

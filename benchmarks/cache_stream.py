@@ -1,9 +1,9 @@
 """What the trajectory cache saves on a stream of prompts, at what quality, against baselines.
 
-    python benchmarks/cache_stream.py --save                  # held-out streams, every controller
-    python benchmarks/cache_stream.py --fit --save            # dev stream: fit the ResumePolicy
-    python benchmarks/cache_stream.py --faults --save         # SIGKILL mid-stream, two processes
-    python benchmarks/cache_stream.py --model SD3_FOLDER ...  # a real SD3 folder (see below)
+    python -m benchmarks.cache_stream --save                  # held-out streams, every controller
+    python -m benchmarks.cache_stream --fit --save            # dev stream: fit the ResumePolicy
+    python -m benchmarks.cache_stream --faults --save         # SIGKILL mid-stream, two processes
+    python -m benchmarks.cache_stream --model SD3_FOLDER ...  # a real SD3 folder (see below)
 
 Streams (:func:`make_stream`, ``--n`` requests each, served through
 :class:`rfmpc.cached.CachedGenerator` in calls of ``--batch`` prompts, in order, into an empty
@@ -51,6 +51,9 @@ expect minutes per prompt on a CPU.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import dataclasses
 import datetime as _dt
@@ -66,6 +69,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks._common import loadavg_1min
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve()
@@ -170,7 +175,7 @@ def generate(pipe, prompts, seeds, steps: int, batch: int = 32) -> np.ndarray:
 
 def score(pipe, latents, prompts, ref_latents=None) -> dict:
     from rfmpc.data import attribute_accuracy, parse_prompt
-    from rfmpc.inverse.metrics import psnr, ssim
+    from rfmpc.metrics import psnr, ssim
 
     img = pipe.decode(jnp.asarray(latents))
     out = {
@@ -530,7 +535,7 @@ def faults(args) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return loadavg_1min(float("nan"))
 
 
 def _controllers(names):
@@ -712,7 +717,7 @@ def main(argv=None) -> int:
     header = (
         f"- device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} cores; jax "
         f"{jax.__version__}; date {stamp}; load average (1 min) at start {_load():.2f}\n"
-        f"- command: `python benchmarks/cache_stream.py {argv_s}`\n"
+        f"- command: `python -m benchmarks.cache_stream {argv_s}`\n"
     )
     if args.faults:
         res = faults(args)

@@ -28,14 +28,15 @@ what it measured so far is kept, the rest is marked skipped, and the next sectio
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import dataclasses
 import datetime as _dt
 import json
 import os
 import platform
-import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,8 +44,20 @@ import time
 import types
 from pathlib import Path
 
+from benchmarks._common import (
+    ROOT,
+    child_env,
+    ensure_torchvision_importable,
+    md_table,
+    module_cmd,
+    peak_memory,
+    slug,
+    summary,
+    torch_fixtures,
+    torch_peak_memory,
+)
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 #: Whole-run deadline (s): gpu_check.sh kills at 470 s; leave time to write the report.
 DEADLINE_S = 440.0
 
@@ -122,11 +135,9 @@ REHEARSE = Sizes(
 
 # ============================================================================ child helpers
 def _bench(name: str):
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
     import importlib
 
-    return importlib.import_module(name)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def _on_gpu() -> bool:
@@ -136,26 +147,7 @@ def _on_gpu() -> bool:
 
 
 def _jax_peak_bytes() -> dict:
-    import resource
-
-    import jax
-
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-    except Exception:
-        stats = {}
-    if "peak_bytes_in_use" in stats:
-        return {"bytes": int(stats["peak_bytes_in_use"]), "kind": "jax peak_bytes_in_use"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"bytes": int(rss), "kind": "process peak RSS (jax and torch together)"}
-
-
-def _torch_peak_bytes() -> dict | None:
-    import torch
-
-    if torch.cuda.is_available():
-        return {"bytes": int(torch.cuda.max_memory_allocated()), "kind": "torch max_allocated"}
-    return None
+    return peak_memory(rss_kind="process peak RSS (jax and torch together)")
 
 
 def _round_robin(engines: dict, runs: int, deadline: float, save) -> None:
@@ -170,8 +162,7 @@ def _round_robin(engines: dict, runs: int, deadline: float, save) -> None:
             sync(fn())
             save.rows[name].setdefault("times_s", []).append(time.perf_counter() - t0)
         for name in engines:
-            t = save.rows[name]["times_s"]
-            save.rows[name].update(median_s=statistics.median(t), min_s=min(t), n=len(t))
+            save.rows[name].update(summary(save.rows[name]["times_s"]))
         save()
 
 
@@ -283,7 +274,7 @@ def section_fwd(sizes: Sizes, save: _Saver, deadline: float, section: str) -> No
             "skipped": f"{left:.0f} s left in the section, under the {sizes.compile_reserve_s:.0f} "
             "s reserved for torch.compile's compilation"
         }
-    save.rec["memory_torch"] = _torch_peak_bytes()
+    save.rec["memory_torch"] = torch_peak_memory()
     _round_robin(engines, sizes.runs, deadline, save)
     for name in engines:
         r = save.rows[name]
@@ -295,7 +286,6 @@ def section_fwd(sizes: Sizes, save: _Saver, deadline: float, section: str) -> No
 
 def section_generation(sizes: Sizes, save: _Saver, deadline: float, tmp: Path) -> None:
     import torch
-    from _torch_env import torch_fixtures
 
     build_tiny_sd3_pipeline = torch_fixtures().build_tiny_sd3_pipeline
 
@@ -328,7 +318,7 @@ def section_generation(sizes: Sizes, save: _Saver, deadline: float, tmp: Path) -
         if _warm(save, name, gen, lambda o: o, load_s=load_s, device=device):
             engines[name] = (gen, lambda o: o)
     save.rec["memory_rfmpc"] = _jax_peak_bytes()
-    save.rec["memory_torch"] = _torch_peak_bytes()
+    save.rec["memory_torch"] = torch_peak_memory()
     _round_robin(engines, sizes.gen_runs, deadline, save)
 
 
@@ -367,6 +357,7 @@ def section_parity(sizes: Sizes, save: _Saver, deadline: float) -> None:
     from diffusers import SD3Transformer2DModel
     from flax import nnx
 
+    from rfmpc.metrics import rel_l2_err, rel_max_err
     from rfmpc.models import MMDiT, Transformer
     from rfmpc.models.mmdit import Buffer
     from weights_conversion.mmdit import convert_mmdit
@@ -401,16 +392,15 @@ def section_parity(sizes: Sizes, save: _Saver, deadline: float) -> None:
     with jax.default_matmul_precision("highest"):
         jargs = ms.jax_inputs(inp, jnp.float32, jax.devices()[0])
         ours = np.asarray(tr(*jargs), np.float32)
-    d = ours - ref
     save.rec.update(
         case=sizes.parity_case,
         precision="float32; torch TF32 off; jax_default_matmul_precision=highest",
         shape=f"batch {case.batch}, latent {case.latent[0]}x{case.latent[1]}, "
         f"{case.text_tokens} text tokens",
-        rel_max_err=float(np.max(np.abs(d)) / (np.std(ref) or 1.0)),
-        rel_l2_err=float(np.linalg.norm(d) / (np.linalg.norm(ref) or 1.0)),
+        rel_max_err=rel_max_err(ours, ref),
+        rel_l2_err=rel_l2_err(ours, ref),
         memory_rfmpc=_jax_peak_bytes(),
-        memory_torch=_torch_peak_bytes(),
+        memory_torch=torch_peak_memory(),
     )
     save()
 
@@ -433,7 +423,7 @@ def section_switch(sizes: Sizes, save: _Saver, deadline: float, tmp: Path) -> No
 
 
 def _child(args) -> int:
-    _bench("_torch_env").ensure_torchvision_importable()  # before diffusers imports transformers
+    ensure_torchvision_importable()  # before diffusers imports transformers
     sizes = REHEARSE if args.rehearse else REAL
     names = args._section.split(",")
     for name in names:
@@ -476,12 +466,12 @@ def _run_sections(args, out_dir: Path, t_start: float) -> dict:
             for n in group.split(","):
                 results[n] = {"skipped": f"whole-run deadline ({DEADLINE_S:.0f} s) reached"}
             continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_section", group]
+        cmd = module_cmd("gpu_check", "--_section", group)
         cmd += ["--_result_dir", str(out_dir)] + (["--rehearse"] if args.rehearse else [])
         print(f"[gpu_check] {time.strftime('%H:%M:%S')} {group} (<= {budget:.0f} s)", flush=True)
         t0 = time.monotonic()
         try:
-            subprocess.run(cmd, timeout=budget, cwd=ROOT, check=False)
+            subprocess.run(cmd, timeout=budget, cwd=ROOT, env=child_env(), check=False)
             status = None
         except subprocess.TimeoutExpired:
             status = f"killed at its {budget:.0f} s budget; rows so far kept"
@@ -519,22 +509,38 @@ def _markdown(rec: dict) -> str:
                 f"{f.get('peak_how') or 'no known peak'}"
                 + (f" {f['peak_flops'] / 1e12:.0f} TFLOP/s" if f.get("peak_flops") else ""),
                 "",
-                "| engine | warm-up s | median ms | min ms | n | TFLOP/s | MFU | time / rfmpc |",
-                "|---|---|---|---|---|---|---|---|",
             ]
             base = f.get("engines", {}).get("rfmpc", {}).get("median_s")
+            rows = []
             for name, r in f.get("engines", {}).items():
                 if "median_s" not in r:
-                    why = r.get("error") or r.get("skipped") or "not timed"
-                    lines.append(f"| {name} | {why} | | | | | | |")
+                    rows.append([name, r.get("error") or r.get("skipped") or "not timed"])
                     continue
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
                 ratio = f"{r['median_s'] / base:.2f}x" if base else "n/a"
-                lines.append(
-                    f"| {name} | {r['warmup_s']:.1f} | {1e3 * r['median_s']:.2f} | "
-                    f"{1e3 * r['min_s']:.2f} | {r['n']} | {r['tflops_per_s']:.1f} | {mfu} | "
-                    f"{ratio} |"
+                rows.append(
+                    [
+                        name,
+                        f"{r['warmup_s']:.1f}",
+                        f"{1e3 * r['median_s']:.2f}",
+                        f"{1e3 * r['min_s']:.2f}",
+                        r["n"],
+                        f"{r['tflops_per_s']:.1f}",
+                        mfu,
+                        ratio,
+                    ]
                 )
+            head = (
+                "engine",
+                "warm-up s",
+                "median ms",
+                "min ms",
+                "n",
+                "TFLOP/s",
+                "MFU",
+                "time / rfmpc",
+            )
+            lines += md_table(head, rows)
             lines += [
                 "",
                 f"peak memory: rfmpc {_fmt_bytes(f.get('memory_rfmpc'))}; diffusers "
@@ -544,16 +550,21 @@ def _markdown(rec: dict) -> str:
     g = s.get("generation", {})
     lines += ["", "## Generation (end to end)", ""]
     if "what" in g:
-        lines += [g["what"], "", "| engine | load s | warm-up s | median s | min s | n |"]
-        lines += ["|---|---|---|---|---|---|"]
-        for name, r in g.get("engines", {}).items():
-            if "median_s" in r:
-                lines.append(
-                    f"| {name} | {r['load_s']:.1f} | {r['warmup_s']:.1f} | {r['median_s']:.3f} | "
-                    f"{r['min_s']:.3f} | {r['n']} |"
-                )
-            else:
-                lines.append(f"| {name} | {r.get('error', 'not timed')} | | | | |")
+        rows = [
+            [
+                name,
+                f"{r['load_s']:.1f}",
+                f"{r['warmup_s']:.1f}",
+                f"{r['median_s']:.3f}",
+                f"{r['min_s']:.3f}",
+                r["n"],
+            ]
+            if "median_s" in r
+            else [name, r.get("error", "not timed")]
+            for name, r in g.get("engines", {}).items()
+        ]
+        head = ("engine", "load s", "warm-up s", "median s", "min s", "n")
+        lines += [g["what"], "", *md_table(head, rows)]
         lines += [
             "",
             f"peak memory: rfmpc {_fmt_bytes(g.get('memory_rfmpc'))}; diffusers "
@@ -576,20 +587,32 @@ def _markdown(rec: dict) -> str:
             f"{w.get('field')}; N = {w.get('N')}, switch at k = {w.get('k')}; one denoising "
             f"step {1e3 * w.get('step_s', 0):.1f} ms; {w['controllers']}",
             "",
-            "| controller | wall s | overhead s | % of a step per remaining step | "
-            "% of a step per controlled step | fallback |",
-            "|---|---|---|---|---|---|",
         ]
+        rows = []
         for m in w["methods"]:
             if "error" in m:
-                lines.append(f"| {m['method']} | {m['error']} | | | | |")
+                rows.append([m["method"], m["error"]])
                 continue
             per_ctrl = m.get("overhead_per_controlled_step_pct")
-            lines.append(
-                f"| {m['method']} | {m['wall_s']:.3f} | {m['overhead_s']:.3f} | "
-                f"{m['overhead_per_remaining_step_pct']:.2f}% | "
-                f"{'n/a' if per_ctrl is None else f'{per_ctrl:.2f}%'} | {m['fallback']} |"
+            rows.append(
+                [
+                    m["method"],
+                    f"{m['wall_s']:.3f}",
+                    f"{m['overhead_s']:.3f}",
+                    f"{m['overhead_per_remaining_step_pct']:.2f}%",
+                    "n/a" if per_ctrl is None else f"{per_ctrl:.2f}%",
+                    m["fallback"],
+                ]
             )
+        head = (
+            "controller",
+            "wall s",
+            "overhead s",
+            "% of a step per remaining step",
+            "% of a step per controlled step",
+            "fallback",
+        )
+        lines += md_table(head, rows)
     lines += _problems(w)
     return "\n".join(lines) + "\n"
 
@@ -631,8 +654,9 @@ def main(argv=None) -> int:
     }
     md = _markdown(rec)
     out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    stem = f"{_dt.date.today().isoformat()}-{slug}" + ("-rehearsal" if args.rehearse else "")
+    stem = f"{_dt.date.today().isoformat()}-{slug(device)}" + (
+        "-rehearsal" if args.rehearse else ""
+    )
     (out / f"{stem}.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
     (out / f"{stem}.md").write_text(md)
     print(md)

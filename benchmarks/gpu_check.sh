@@ -26,4 +26,4 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 OUT_DIR="${OUT:-benchmarks/results}"
 [ -n "${OUT:-}" ] && OUT_DIR="$OUT/benchmarks/results"
 # 470 s hard stop (the script's own deadline is 440 s): the whole check stays under 8 minutes.
-timeout -k 5 470 "$PY" benchmarks/gpu_check.py --out "$OUT_DIR" "$@"
+timeout -k 5 470 "$PY" -m benchmarks.gpu_check --out "$OUT_DIR" "$@"

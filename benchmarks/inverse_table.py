@@ -26,9 +26,9 @@ Protocol (``docs/mpcflow.md``, "How the image-task table is produced"):
 
 Usage::
 
-    python benchmarks/inverse_table.py --field embedded --n-dev 8 --n-test 16 --save
-    python benchmarks/inverse_table.py --quick            # smoke run (reduced settings)
-    python benchmarks/inverse_table.py --legacy --field gmm --n-images 4   # the old table
+    python -m benchmarks.inverse_table --field embedded --n-dev 8 --n-test 16 --save
+    python -m benchmarks.inverse_table --quick            # smoke run (reduced settings)
+    python -m benchmarks.inverse_table --legacy --field gmm --n-images 4   # the old table
 
 ``--legacy`` keeps the project's older table (``make_operator`` tasks, default solvers, no
 splits); ``benchmarks/report_measure.py`` uses its ``run_task``. Progress goes to stderr; the
@@ -38,6 +38,9 @@ appended when ``--tasks`` names a subset, so that tasks run one at a time keep t
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
 
 import argparse
 import datetime as dt
@@ -52,8 +55,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _priors import BENCH_PRIORS, bench_prior
 
+from benchmarks._priors import BENCH_PRIORS, bench_prior
 from rfmpc.inverse import (
     PNP_FLOW_TASKS,
     DFlow,
@@ -70,10 +73,11 @@ from rfmpc.inverse import (
     paper_solver,
     task_preset,
 )
-from rfmpc.inverse.metrics import peak_memory, psnr, ssim, ssim_skimage, timed, to_unit
+from rfmpc.inverse.metrics import timed
 from rfmpc.inverse.operators import TASKS, make_operator
 from rfmpc.inverse.paper import PAPER_METHODS
 from rfmpc.inverse.registry import METHODS
+from rfmpc.metrics import peak_memory, psnr, ssim, ssim_skimage, to_unit
 from rfmpc.restore import DEFAULT_NOISE, heldout_images
 
 PAPER_TASKS = ("inpaint-box", "inpaint-random", "deblur", "sr2", "denoise", "nonlinear-deblur")

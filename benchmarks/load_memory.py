@@ -8,11 +8,14 @@ The loader memory-maps the file and converts one tensor at a time into device ar
 peak should be about one copy of the weights (in the target dtype) plus one tensor, not two
 copies. On CPU, "device" arrays live in host memory, so that one copy is host memory too.
 
-Usage: python benchmarks/load_memory.py [--config sd3-medium|sd35-medium|sd35-large]
+Usage: python -m benchmarks.load_memory [--config sd3-medium|sd35-medium|sd35-large]
        [--dtype bfloat16|float32] [--dir DIR] [--json] [--save]
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
 
 import argparse
 import datetime as _dt
@@ -20,17 +23,10 @@ import json
 import os
 import struct
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+from benchmarks._common import RESULTS, child_env, current_rss, module_cmd
 
 
 def write_random_checkpoint(folder: Path, config_name: str) -> int:
@@ -76,14 +72,14 @@ def _child(folder: str, dtype: str) -> dict:
     from rfmpc.convert import load_transformer
 
     jax.numpy.zeros(1).block_until_ready()
-    before = _rss()
+    before = current_rss()
     tr = load_transformer(folder, dtype={"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype])
     jax.block_until_ready(tr.params)
     leaves = jax.tree.leaves((tr.params, tr.buffers))
     model_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
     return {
         "rss_before": before,
-        "rss_after": _rss(),
+        "rss_after": current_rss(),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "model_bytes_in_memory": int(model_bytes),
         "params": int(sum(x.size for x in jax.tree.leaves(tr.params))),
@@ -108,7 +104,8 @@ def main(argv=None) -> int:
         folder = Path(tmp) / "transformer"
         file_bytes = write_random_checkpoint(folder, args.config)
         out = subprocess.run(
-            [sys.executable, __file__, "--dtype", args.dtype, "--_child", str(folder)],
+            module_cmd("load_memory", "--dtype", args.dtype, "--_child", str(folder)),
+            env=child_env(),
             capture_output=True,
             text=True,
             check=True,
@@ -137,7 +134,7 @@ def main(argv=None) -> int:
         f"{result['peak_over_model_bytes']:.2f}x the loaded weights\n"
     )
     if args.save:
-        stem = Path(__file__).parent / "results" / f"{result['date']}-cpu-load_memory-{args.config}"
+        stem = RESULTS / f"{result['date']}-cpu-load_memory-{args.config}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
         stem.with_suffix(".md").write_text(md)
     print(json.dumps(result) if args.json else md)

@@ -1,9 +1,9 @@
 """MM-DiT forward and full small generation: rfmpc vs diffusers (eager, ``torch.compile``) and
 keras-hub's JAX ``MMDiT``, in one run, interleaved.
 
-    python benchmarks/mmdit_speed.py                      # the bar case (below), every engine
-    python benchmarks/mmdit_speed.py --save               # write benchmarks/results/ (idle only)
-    python benchmarks/mmdit_speed.py --baseline-rfmpc ../main --engines rfmpc --no-generation
+    python -m benchmarks.mmdit_speed                      # the bar case (below), every engine
+    python -m benchmarks.mmdit_speed --save               # write benchmarks/results/ (idle only)
+    python -m benchmarks.mmdit_speed --baseline-rfmpc ../main --engines rfmpc --no-generation
 
 The bar case (``--case bar``, issue 18): SD3.5-style small MM-DiT, 4 layers, 4 heads x 32, RMS
 QK-norm, dual attention in blocks 0-1, 32x32x16 latent, 32 text tokens, batch 2, float32.
@@ -26,14 +26,14 @@ The older single-engine helpers (:func:`diffusers_model`, :func:`rfmpc_model`,
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
-import re
-import statistics
 import sys
 import tempfile
 import time
@@ -46,13 +46,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import _bench_worker
+from benchmarks._common import (
+    RESULTS,
+    child_env,
+    cpu_name,
+    ensure_torchvision_importable,
+    loadavg_1min,
+    module_cmd,
+    slug,
+    summary,
+    torch_fixtures,
+)
+from rfmpc.metrics import rel_max_err
 from rfmpc.models import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiTConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-import _bench_worker
-
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 #: Dense bf16 tensor-core peak, FLOP/s (NVIDIA datasheets; H200 has H100's compute).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -159,22 +168,6 @@ def _peak(device_name: str, dtype: str) -> float | None:
     return None
 
 
-def _timed(fn, sync, runs: int) -> dict:
-    t0 = time.perf_counter()
-    out = fn()
-    sync(out)
-    warmup = time.perf_counter() - t0
-    sync(fn())  # a second untimed call: allocator / autotuning settle
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        sync(out)
-        times.append(time.perf_counter() - t0)
-    stats = {"warmup_s": warmup, "median_s": statistics.median(times), "min_s": min(times)}
-    return {**stats, "times_s": times}, out
-
-
 def _inputs(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     c = case.model
@@ -199,7 +192,6 @@ def diffusers_model(case: Case, tdev, tdtype, save_to: str | None = None):
     and with ``save_to`` the weights are saved there (safetensors) for rfmpc to load.
     """
     import torch
-    from _torch_env import ensure_torchvision_importable
 
     ensure_torchvision_importable()  # before diffusers imports transformers
     from diffusers import SD3Transformer2DModel
@@ -304,15 +296,7 @@ PEAK_GEMM_N = 2048
 
 
 def _device_label() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} x{os.cpu_count()}"
+    return f"CPU {cpu_name()} x{os.cpu_count()}"
 
 
 def _threads_jax() -> str:
@@ -344,8 +328,6 @@ def _forward_worker(engine: str, case: Case, folder: str):
 
         tdtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
         if case.same_weights:
-            from _torch_env import ensure_torchvision_importable
-
             ensure_torchvision_importable()
             from diffusers import SD3Transformer2DModel
 
@@ -456,15 +438,6 @@ def _round_robin(workers: dict, rounds: int, per_turn: int, pause_s: float) -> d
     return times
 
 
-def _stats(times: list[float]) -> dict:
-    return {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "n": len(times),
-        "times_s": times,
-    }
-
-
 def run_all(args) -> dict:
     """Build every engine's worker, time them round-robin, return the JSON record."""
     import numpy as np
@@ -486,7 +459,7 @@ def run_all(args) -> dict:
         "mmdit_config": case.model.to_diffusers(),
         "same_weights": case.same_weights,
         "runs": args.runs,
-        "loadavg_1min": {"start": os.getloadavg()[0]},
+        "loadavg_1min": {"start": loadavg_1min()},
         "python": sys.version.split()[0],
         "method": (
             "each engine in its own worker process, built and warmed up once, then timed "
@@ -495,10 +468,9 @@ def run_all(args) -> dict:
         ),
         "skipped": {},
     }
-    here = str(Path(__file__).resolve().parent)
-    root = str(Path(__file__).resolve().parents[1])
-    base_env = dict(os.environ, KERAS_BACKEND="jax", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
-    base_env["PYTHONPATH"] = os.pathsep.join([root, here, base_env.get("PYTHONPATH", "")])
+    base_env = child_env(
+        dict(os.environ, KERAS_BACKEND="jax", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = tmp / "weights"
@@ -516,8 +488,9 @@ def run_all(args) -> dict:
                     continue
             specs.append((e, "keras-hub" if e == "keras-hub" else f"fwd:{e}", python, env))
         for path in args.baseline_rfmpc or []:
-            env = dict(base_env)
-            env["PYTHONPATH"] = os.pathsep.join([str(Path(path).resolve()), here])
+            # the old checkout's rfmpc first; benchmarks.* from this one (a checkout from before
+            # benchmarks/ was a package has no regular `benchmarks` package to shadow it)
+            env = child_env({**base_env, "PYTHONPATH": ""}, first=[str(Path(path).resolve())])
             specs.append((f"rfmpc@{path}", "fwd:rfmpc", sys.executable, env))
         if args.mfu:
             specs.append(("gemm-peak", "fwd:gemm-peak", sys.executable, base_env))
@@ -526,7 +499,7 @@ def run_all(args) -> dict:
         import subprocess
 
         subprocess.run(
-            [sys.executable, __file__, "--_build", str(folder), "--case", args.case],
+            module_cmd("mmdit_speed", "--_build", str(folder), "--case", args.case),
             check=True,
             env=base_env,
         )
@@ -537,8 +510,8 @@ def run_all(args) -> dict:
             ref_a = np.load(ref)
             for k, path in outs.items():
                 if k.startswith("rfmpc") or k == "diffusers-compile":
-                    err = np.max(np.abs(np.load(path) - ref_a)) / (np.std(ref_a) or 1.0)
-                    record["forward"][k]["rel_max_err_vs_diffusers"] = float(err)
+                    err = rel_max_err(np.load(path), ref_a)
+                    record["forward"][k]["rel_max_err_vs_diffusers"] = err
         flops = mmdit_forward_flops(case.model, case.batch, *case.latent, case.text_tokens)
         record["flops_per_forward"] = flops
         peak = record["forward"].pop("gemm-peak", None)
@@ -559,7 +532,7 @@ def run_all(args) -> dict:
         if args.generation:
             gfolder = tmp / "pipeline"
             subprocess.run(
-                [sys.executable, __file__, "--_build_pipeline", str(gfolder), "--case", args.case],
+                module_cmd("mmdit_speed", "--_build_pipeline", str(gfolder), "--case", args.case),
                 check=True,
                 env=base_env,
             )
@@ -587,9 +560,9 @@ def run_all(args) -> dict:
                     "not measured: keras-hub's pipeline needs its own CLIP/T5 backbones, which "
                     "have no tiny offline fixture here"
                 )
-    record["loadavg_1min"]["end"] = os.getloadavg()[0]
+    record["loadavg_1min"]["end"] = loadavg_1min()
     limit = MAX_LOAD_PER_CORE * cores
-    record["loaded"] = max(record["loadavg_1min"].values()) > limit
+    record["loaded"] = max(v or 0.0 for v in record["loadavg_1min"].values()) > limit
     record["load_limit"] = limit
     return record
 
@@ -610,7 +583,9 @@ def _run_section(args, specs, folder: Path, tmp: Path, kind: str, runs: int) -> 
                 }
                 cmd = [python, str(HERE / "_bench_worker.py"), "keras-hub", json.dumps(spec), npy]
             else:
-                cmd = [python, __file__, "--_worker", warg, "--_folder", str(folder)]
+                cmd = module_cmd(
+                    "mmdit_speed", "--_worker", warg, "--_folder", str(folder), python=python
+                )
                 cmd += ["--case", args.case, "--steps", str(args.steps)]
                 if npy:
                     cmd += ["--_out", npy]
@@ -626,7 +601,7 @@ def _run_section(args, specs, folder: Path, tmp: Path, kind: str, runs: int) -> 
         rounds = max(1, -(-runs // args.per_turn))
         times = _round_robin(workers, rounds, args.per_turn, args.pause)
         for label, t in times.items():
-            out[label].update(_stats(t))
+            out[label].update(summary(t))
     finally:
         for w in workers.values():
             w.close()
@@ -642,8 +617,6 @@ def _build(folder: str, case_name: str) -> None:
 
 
 def _build_pipeline(folder: str, case_name: str) -> None:
-    from _torch_env import torch_fixtures
-
     build_tiny_sd3_pipeline = torch_fixtures().build_tiny_sd3_pipeline
 
     c = CASES[case_name].model.to_diffusers()
@@ -783,7 +756,7 @@ def main(argv=None) -> int:
     if args.runs < 1 or args.gen_runs < 1 or args.per_turn < 1:
         ap.error("--runs, --gen-runs and --per-turn must be >= 1")
     cores = os.cpu_count() or 1
-    load = os.getloadavg()[0]
+    load = loadavg_1min() or 0.0
     if args.save and load > MAX_LOAD_PER_CORE * cores and not args.force:
         ap.error(
             f"1-min load average {load:.2f} is above {MAX_LOAD_PER_CORE} per core "
@@ -802,7 +775,7 @@ def main(argv=None) -> int:
             )
             return 1
         RESULTS.mkdir(parents=True, exist_ok=True)
-        dev = re.sub(r"[^A-Za-z0-9]+", "-", record["device"]).strip("-").lower()
+        dev = slug(record["device"])
         stem = f"{_dt.date.today().isoformat()}-{dev}-mmdit_speed-{args.case}"
         if record["loaded"]:
             stem += "-LOADED"

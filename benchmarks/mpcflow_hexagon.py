@@ -1,8 +1,8 @@
 """The MPC-Flow authors' 2D hexagon experiment, on their weights, through rfmpc.
 
-    python benchmarks/mpcflow_hexagon.py --json                       # one JSON line
-    python benchmarks/mpcflow_hexagon.py --ks 1,2,5,10 --global-iters 3000 --save
-    python benchmarks/mpcflow_hexagon.py --x0 0.5 0.5 --corner 2 --json
+    python -m benchmarks.mpcflow_hexagon --json                       # one JSON line
+    python -m benchmarks.mpcflow_hexagon --ks 1,2,5,10 --global-iters 3000 --save
+    python -m benchmarks.mpcflow_hexagon --x0 0.5 0.5 --corner 2 --json
 
 Prints ``{"uncontrolled": {"terminal", "x_T"}, "global": {"terminal", "control", "x_T"},
 "rhc": {"K": {"terminal", "control", "x_T"}, ...}, "dt": {...}}`` in the authors' convention:
@@ -15,10 +15,12 @@ plot of terminal error and control energy against K beside the global solution, 
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks._common import loadavg_1min
 from rfmpc.inverse.hexagon import (
     delta_t_horizon,
     global_control,
@@ -149,12 +152,12 @@ def main(argv=None) -> int:
         stamp = _dt.date.today().isoformat()
         stem = RESULTS_DIR / f"{stamp}-cpu-mpcflow_hexagon"
         dev = jax.devices()[0]
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        load = loadavg_1min(float("nan"))
         lines = [
             "## MPC-Flow 2D hexagon (the authors' weights), authors' convention",
             "",
             f"- device: {dev.platform}; jax {jax.__version__}; date {stamp}; load {load:.2f}",
-            f"- command: `python benchmarks/mpcflow_hexagon.py {' '.join(argv or sys.argv[1:])}`",
+            f"- command: `python -m benchmarks.mpcflow_hexagon {' '.join(argv or sys.argv[1:])}`",
             f"- x0 = {tuple(args.x0)}, corner {args.corner} = {np.round(target, 4).tolist()}, "
             f"{args.steps} Euler steps, objective 0.075/2 ||x_T - c||^2 + 0.001 sum ||u||^2 dt",
             "",

@@ -11,21 +11,35 @@ Configs:
               with random weights; VAE and text encoders are the tiny fixture ones, so the time is
               the transformer's 28 CFG steps plus a small decode (say so when you cite it).
 
-Usage: python benchmarks/pipeline_speed.py [--config small] [--steps 28] [--runs 3] [--json]
+Usage: python -m benchmarks.pipeline_speed [--config small] [--steps 28] [--runs 3] [--json]
        [--save]
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
 
 import argparse
 import datetime as _dt
 import json
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks._common import (
+    PROMPT,
+    RESULTS,
+    child_env,
+    ensure_torchvision_importable,
+    module_cmd,
+    peak_memory,
+    slug,
+    time_calls,
+    torch_fixtures,
+)
 
 CONFIGS = {
     "small": {
@@ -68,19 +82,6 @@ CONFIGS = {
 }
 #: Engines :func:`_engine` runs; ``diffusers-compile`` wraps the transformer in ``torch.compile``.
 ENGINES = ("rfmpc", "diffusers", "diffusers-compile")
-PROMPT = "a red circle at the top left on a blue background"
-
-
-def _peak_memory() -> tuple[int, str]:
-    import resource
-
-    import jax
-
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
 def make_generator(
@@ -149,7 +150,6 @@ def make_generator(
         device = str(jax.devices()[0].device_kind)
     else:
         import torch
-        from _torch_env import ensure_torchvision_importable
 
         ensure_torchvision_importable()  # transformers imports torchvision
         from diffusers import StableDiffusion3Pipeline
@@ -204,26 +204,19 @@ def _engine(
     import numpy as np
 
     gen, load_s, device = make_generator(engine, folder, size, steps, dtype, max_sequence_length)
-    t0 = time.perf_counter()
-    img = gen()
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        img = gen()
-        times.append(time.perf_counter() - t0)
-    peak, peak_kind = _peak_memory()
+    st, img = time_calls(gen, runs, lambda o: o)
+    mem = peak_memory()
     np.save(Path(folder).parent / f"{engine}.npy", np.asarray(img, np.float32))
     return {
         "engine": engine,
         "device": device,
         "load_s": load_s,
-        "warmup_s": warm,
-        "median_s": float(np.median(times)),
-        "min_s": float(min(times)),
-        "times_s": times,
-        "peak_bytes": peak,
-        "peak_kind": peak_kind,
+        "warmup_s": st["warmup_s"],
+        "median_s": st["median_s"],
+        "min_s": st["min_s"],
+        "times_s": st["times_s"],
+        "peak_bytes": mem["bytes"],
+        "peak_kind": mem["kind"],
     }
 
 
@@ -246,7 +239,6 @@ def main(argv=None) -> int:
         print(json.dumps(rec))
         return 0
     import numpy as np
-    from _torch_env import torch_fixtures
 
     build_tiny_sd3_pipeline = torch_fixtures().build_tiny_sd3_pipeline
 
@@ -256,9 +248,8 @@ def main(argv=None) -> int:
         recs = {}
         for engine in ("rfmpc", "diffusers"):
             out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
+                module_cmd(
+                    "pipeline_speed",
                     "--config",
                     args.config,
                     "--steps",
@@ -269,7 +260,8 @@ def main(argv=None) -> int:
                     engine,
                     "--_folder",
                     str(folder),
-                ],
+                ),
+                env=child_env(),
                 capture_output=True,
                 text=True,
                 check=True,
@@ -309,9 +301,7 @@ def main(argv=None) -> int:
         f"{result['speedup_min']:.2f}x (min)\n"
     )
     if args.save:
-        out_dir = Path(__file__).parent / "results"
-        dev = "".join(c if c.isalnum() else "-" for c in r["device"].lower()).strip("-")
-        stem = out_dir / f"{result['date']}-{dev}-pipeline_speed-{args.config}"
+        stem = RESULTS / f"{result['date']}-{slug(r['device'])}-pipeline_speed-{args.config}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
         stem.with_suffix(".md").write_text(md)
     print(json.dumps(result) if args.json else md)

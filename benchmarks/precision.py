@@ -1,8 +1,8 @@
 """bf16 vs fp32: what bfloat16 inference costs in quality, and why the control code keeps fp32.
 
-    python benchmarks/precision.py             # embedded model, full run (CPU: ~5 min)
-    python benchmarks/precision.py --quick     # fewer prompts
-    python benchmarks/precision.py --json --save
+    python -m benchmarks.precision             # embedded model, full run (CPU: ~5 min)
+    python -m benchmarks.precision --quick     # fewer prompts
+    python -m benchmarks.precision --json --save
 
 Measured on the shipped embedded model (real trained weights; the only ones a fresh machine has),
 in one process, three variants of the same network:
@@ -29,6 +29,9 @@ Four measurements, each against ``fp32``:
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import datetime as _dt
 import json
@@ -41,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rfmpc.metrics import cosine, rel_l2_err, rel_max_err
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -49,21 +54,6 @@ def _device() -> str:
     if d.platform == "cpu":
         return f"cpu ({platform.processor() or platform.machine()}, {len(jax.devices())} device)"
     return d.device_kind
-
-
-def _rel_max(a, ref) -> float:
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(a - ref)) / (np.std(ref) or 1.0))
-
-
-def _cos(a, b) -> float:
-    a, b = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(b, np.float64))
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _rel_l2(a, ref) -> float:
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
 
 
 def _variants():
@@ -94,7 +84,9 @@ def _velocity(pipes, key) -> dict:
     for sigma in (0.95, 0.6, 0.3, 0.05):
         x = (1 - sigma) * x0 + sigma * eps
         vs = {name: p.field(x, jnp.float32(sigma), cond) for name, p in pipes.items()}
-        out[f"sigma={sigma}"] = {n: _rel_max(v, vs["fp32"]) for n, v in vs.items() if n != "fp32"}
+        out[f"sigma={sigma}"] = {
+            n: rel_max_err(v, vs["fp32"]) for n, v in vs.items() if n != "fp32"
+        }
     return out
 
 
@@ -152,15 +144,15 @@ def _gradients(pipes, key, start: int = 10, steps: int = 28, horizon: int = 14) 
         if name == "fp32":
             continue
         out[name] = {
-            "shooting_grad_cosine": _cos(grads[name], grads["fp32"]),
-            "shooting_grad_rel_l2": _rel_l2(grads[name], grads["fp32"]),
-            "mpc_jacobian_rel_fro": _rel_l2(blocks[name], blocks["fp32"]),
+            "shooting_grad_cosine": cosine(grads[name], grads["fp32"]),
+            "shooting_grad_rel_l2": rel_l2_err(grads[name], grads["fp32"]),
+            "mpc_jacobian_rel_fro": rel_l2_err(blocks[name], blocks["fp32"]),
         }
     # the compute precision alone: bf16 matmuls vs fp32 matmuls on the *same* (bf16) weights
     out["bf16-vs-bf16w-fp32c"] = {
-        "shooting_grad_cosine": _cos(grads["bf16"], grads["bf16w-fp32c"]),
-        "shooting_grad_rel_l2": _rel_l2(grads["bf16"], grads["bf16w-fp32c"]),
-        "mpc_jacobian_rel_fro": _rel_l2(blocks["bf16"], blocks["bf16w-fp32c"]),
+        "shooting_grad_cosine": cosine(grads["bf16"], grads["bf16w-fp32c"]),
+        "shooting_grad_rel_l2": rel_l2_err(grads["bf16"], grads["bf16w-fp32c"]),
+        "mpc_jacobian_rel_fro": rel_l2_err(blocks["bf16"], blocks["bf16w-fp32c"]),
     }
     return out
 

@@ -1,10 +1,10 @@
 """One report: every benchmark this device allows, each beside its reference, measured in one run.
 
-    python benchmarks/report.py                       # auto: CPU profile here, GPU profile on GPU
-    python benchmarks/report.py --quick               # smaller/fewer cases (a smoke run)
-    python benchmarks/report.py --config tiny-gpu-path  # the GPU code path (bf16) at toy size
-    python benchmarks/report.py --only mmdit --only vae --json --out /tmp/r
-    python benchmarks/report.py --render benchmarks/results/<file>.json  # markdown again
+    python -m benchmarks.report                       # auto: CPU profile here, GPU profile on GPU
+    python -m benchmarks.report --quick               # smaller/fewer cases (a smoke run)
+    python -m benchmarks.report --config tiny-gpu-path  # the GPU code path (bf16) at toy size
+    python -m benchmarks.report --only mmdit --only vae --json --out /tmp/r
+    python -m benchmarks.report --render benchmarks/results/<file>.json  # markdown again
 
 Sections (``--only``; default all): ``peak`` (device info and the FLOP/s peak MFU is taken
 against), ``mmdit`` (rfmpc vs diffusers eager and ``torch.compile``), ``generation`` (28 steps +
@@ -30,6 +30,9 @@ Writes ``<out>/<date>-<device>[-<config>][-quick].md`` and ``.json`` (default ou
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import dataclasses
 import datetime as _dt
@@ -42,17 +45,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._common import RESULTS, child_env, loadavg_1min, module_cmd, peak_memory
+from benchmarks.report_markdown import ALL_SECTIONS, OPTIONAL, _device_name, markdown
+from rfmpc.cli.switch import CONTROLLERS
+
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # sibling modules (benchmarks/ is not a package)
-    sys.path.insert(0, str(HERE))
 
-from report_markdown import ALL_SECTIONS, OPTIONAL, _device_name, markdown  # noqa: E402
-
-RESULTS = HERE / "results"
-from rfmpc.cli.switch import CONTROLLERS  # noqa: E402
-
+#: Every registered controller (``rfmpc.cli.switch.CONTROLLERS``, the one name -> class map).
 SWITCH_METHODS = tuple(CONTROLLERS)
-QUICK_SWITCH_METHODS = ("direct", "blend", "reproject", "mpc", "shooting")
+#: The quick profiles' subset, in the registry's order (tests check the names are registered).
+QUICK_SWITCH_METHODS = tuple(
+    m for m in SWITCH_METHODS if m in {"direct", "blend", "reproject", "mpc", "shooting"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +245,7 @@ GOALS = (
 
 def _child_main(args) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from report_measure import CHILDREN, _peak_memory, _reason
+    from benchmarks.report_measure import CHILDREN, _reason
 
     p = PROFILES[args.config]
     params = json.loads(args._params)
@@ -255,7 +259,7 @@ def _child_main(args) -> int:
         rec = {"error": _reason(e)}
     if "memory_process" not in rec:
         try:
-            rec["memory_process"] = _peak_memory()
+            rec["memory_process"] = peak_memory()
         except Exception as e:  # no jax in this child: report why
             rec["memory_process"] = {"error": _reason(e)}
     rec["child_wall_s"] = time.perf_counter() - t0
@@ -282,16 +286,11 @@ def _json_default(o):
 
 
 # ============================================================================ orchestration
-def _loadavg() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
 def run_child(args, tmp: Path, child: str, *params, timeout: int) -> dict:
     """Run one child measurement in a fresh interpreter; its JSON record (or why it failed)."""
     result = tmp / f"result-{time.monotonic_ns()}.json"
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
+    cmd = module_cmd(
+        "report",
         "--config",
         args.config,
         "--_child",
@@ -302,13 +301,13 @@ def run_child(args, tmp: Path, child: str, *params, timeout: int) -> dict:
         str(tmp),
         "--_result",
         str(result),
-    ] + (["--quick"] if args.quick else [])
+    ) + (["--quick"] if args.quick else [])
     label = " ".join([child, *map(str, params)])
     print(f"[report] {time.strftime('%H:%M:%S')} {label} ...", file=sys.stderr, flush=True)
-    load0, t0 = _loadavg(), time.perf_counter()
+    load0, t0 = loadavg_1min(), time.perf_counter()
     log = result.with_suffix(".log")  # the child's stdout + stderr (progress; the error tail)
     # a fresh inductor cache per child: torch.compile times are cold, like JAX's
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(result.with_suffix(".inductor")))
+    env = child_env(dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(result.with_suffix(".inductor"))))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     partial = result.with_suffix(".partial.json")  # rows a long child saved so far
     env["REPORT_PARTIAL"] = str(partial)
@@ -333,7 +332,7 @@ def run_child(args, tmp: Path, child: str, *params, timeout: int) -> dict:
     else:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
         rec = {"error": f"child exited with rc={rc} and no result: {tail[-600:]}"}
-    rec["loadavg_1min"] = [load0, _loadavg()]
+    rec["loadavg_1min"] = [load0, loadavg_1min()]
     took = time.perf_counter() - t0
     status = "FAILED: " + rec["error"][:200] if "error" in rec else "ok"
     print(f"[report]   {took:.0f} s, {status}", file=sys.stderr, flush=True)
@@ -351,7 +350,7 @@ def collect(args, sections: list[str]) -> dict:
         "quick": bool(args.quick),
         "profile": _json_safe(dataclasses.asdict(p)),
         "git": _git(),
-        "loadavg_1min_start": _loadavg(),
+        "loadavg_1min_start": loadavg_1min(),
         "cpus": os.cpu_count(),
         "sections": {},
     }
@@ -404,7 +403,7 @@ def collect(args, sections: list[str]) -> dict:
             if name in sections:
                 sec[name] = run_child(args, tmp, "optional", name, OPTIONAL[name], timeout=to)
     record["total_s"] = time.perf_counter() - t_all
-    record["loadavg_1min_end"] = _loadavg()
+    record["loadavg_1min_end"] = loadavg_1min()
     return record
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from benchmarks._common import fmt, md_escape
+
 OPTIONAL = {"precision": "precision.py", "shooting_memory": "shooting_memory.py"}
 ALL_SECTIONS = ("peak", "mmdit", "generation", "vae", "switch", "inverse", *OPTIONAL)
 
@@ -18,15 +20,6 @@ def _device_name(record: dict) -> str:
 
 
 # ============================================================================ markdown
-def _f(x, fmt="{:.3f}", none="n/a"):
-    if x is None:
-        return none
-    try:
-        return fmt.format(x)
-    except (TypeError, ValueError):
-        return str(x)
-
-
 def _mem(m: dict | None) -> str:
     if not m:
         return "n/a"
@@ -37,11 +30,11 @@ def _mem(m: dict | None) -> str:
 
 def _load(r: dict) -> str:
     la = r.get("loadavg_1min") or [None, None]
-    return "/".join(_f(x, "{:.1f}") for x in la)
+    return "/".join(fmt(x, "{:.1f}") for x in la)
 
 
 def _ms(x) -> str:
-    return _f(None if x is None else 1e3 * x, "{:.1f}")
+    return fmt(None if x is None else 1e3 * x, "{:.1f}")
 
 
 def _engine_table(rows: list[dict], group: str | None, unit_ms: bool) -> list[str]:
@@ -57,7 +50,7 @@ def _engine_table(rows: list[dict], group: str | None, unit_ms: bool) -> list[st
         if "error" in r:
             out.append(
                 f"| {g}{r.get('engine', '?')} | {r.get('dtype', '')} | **failed:** "
-                f"{_md_escape(r['error'])} | | | | | | | {_load(r)} |"
+                f"{md_escape(r['error'])} | | | | | | | {_load(r)} |"
             )
             continue
         mem = r.get("memory") or r.get("memory_process")
@@ -67,18 +60,14 @@ def _engine_table(rows: list[dict], group: str | None, unit_ms: bool) -> list[st
             extra = f"; process {_mem(proc)}"
         out.append(
             f"| {g}{r.get('engine')} | {r.get('dtype')} | "
-            f"{_f(r.get('compile_s'), '{:.2f}')} ({r.get('compile_method', '?')}) | "
-            f"{_f(scale * r['median_s'], '{:.2f}' if unit_ms else '{:.3f}')} | "
-            f"{_f(scale * r['min_s'], '{:.2f}' if unit_ms else '{:.3f}')} | "
-            f"{_f(r.get('time_ratio_vs_rfmpc'), '{:.2f}x')} | "
-            f"{_f(r.get('tflops_per_s'), '{:.4f}')} | {_f(r.get('mfu'), '{:.1%}')} | "
+            f"{fmt(r.get('compile_s'), '{:.2f}')} ({r.get('compile_method', '?')}) | "
+            f"{fmt(scale * r['median_s'], '{:.2f}' if unit_ms else '{:.3f}')} | "
+            f"{fmt(scale * r['min_s'], '{:.2f}' if unit_ms else '{:.3f}')} | "
+            f"{fmt(r.get('time_ratio_vs_rfmpc'), '{:.2f}x')} | "
+            f"{fmt(r.get('tflops_per_s'), '{:.4f}')} | {fmt(r.get('mfu'), '{:.1%}')} | "
             f"{_mem(mem)}{extra} | {_load(r)} |"
         )
     return out
-
-
-def _md_escape(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
 
 
 def markdown(record: dict) -> str:
@@ -92,10 +81,10 @@ def markdown(record: dict) -> str:
         f"{record.get('config_description', '')}. git {record.get('git', {}).get('commit', '?')}"
         f"{' (+ uncommitted changes)' if record.get('git', {}).get('dirty_tracked_files') else ''}"
         f"; jax {pk.get('jax', '?')}, torch {pk.get('torch', '?')}, "
-        f"diffusers {pk.get('diffusers', '?')}; total {_f(record.get('total_s'), '{:.0f}')} s.",
+        f"diffusers {pk.get('diffusers', '?')}; total {fmt(record.get('total_s'), '{:.0f}')} s.",
         "",
-        f"1-min load average: {_f(record.get('loadavg_1min_start'), '{:.2f}')} at start, "
-        f"{_f(record.get('loadavg_1min_end'), '{:.2f}')} at end, on {record.get('cpus')} CPUs "
+        f"1-min load average: {fmt(record.get('loadavg_1min_start'), '{:.2f}')} at start, "
+        f"{fmt(record.get('loadavg_1min_end'), '{:.2f}')} at end, on {record.get('cpus')} CPUs "
         "(per row: at the start/end of its child process). The machine may be shared: "
         "interference only adds time, so `min` is the more robust figure on a loaded CPU.",
         "",
@@ -108,7 +97,7 @@ def markdown(record: dict) -> str:
     ]
     lines += ["## Peak FLOP/s (MFU denominator)", ""]
     if "error" in pk:
-        lines.append(f"peak measurement **failed:** {_md_escape(pk['error'])}")
+        lines.append(f"peak measurement **failed:** {md_escape(pk['error'])}")
     for dt in ("float32", "bfloat16"):
         g = (pk.get("gemm") or {}).get(dt)
         if g:
@@ -194,7 +183,7 @@ def markdown(record: dict) -> str:
 
 def _switch_md(s: dict) -> list[str]:
     if "error" in s:
-        return [f"**failed:** {_md_escape(s['error'])}"]
+        return [f"**failed:** {md_escape(s['error'])}"]
     n, k = s["N"], s["k"]
     gen, fin = s["generation"], s["finish"]
     out = [
@@ -218,16 +207,16 @@ def _switch_md(s: dict) -> list[str]:
     for r in s["methods"]:
         if "error" in r:
             out.append(
-                f"| {r['method']} | **failed:** {_md_escape(r['error'])} | | | | | | | | | | |"
+                f"| {r['method']} | **failed:** {md_escape(r['error'])} | | | | | | | | | | |"
             )
             continue
         out.append(
             f"| {r['method']} | {r['nfe']} | {r['extra_nfe']} | {_ms(r['wall_s'])} | "
             f"{_ms(r['planning_s'])} | {_ms(r['overhead_s'])} | "
-            f"{_f(r['overhead_of_generation_pct'], '{:.1f}%')} | "
-            f"{_f(r['overhead_per_remaining_step_pct'], '{:.1f}%')} | "
-            f"{_f(r.get('overhead_per_controlled_step_pct'), '{:.1f}%', '')} | "
-            f"{_f(r['compile_s'], '{:.1f}')} | {r['fallback']} | "
+            f"{fmt(r['overhead_of_generation_pct'], '{:.1f}%')} | "
+            f"{fmt(r['overhead_per_remaining_step_pct'], '{:.1f}%')} | "
+            f"{fmt(r.get('overhead_per_controlled_step_pct'), '{:.1f}%', '')} | "
+            f"{fmt(r['compile_s'], '{:.1f}')} | {r['fallback']} | "
             f"{_mem(r.get('memory_running_peak'))} |"
         )
     return out
@@ -235,7 +224,7 @@ def _switch_md(s: dict) -> list[str]:
 
 def _inverse_md(s: dict) -> list[str]:
     if "error" in s:
-        return [f"**failed:** {_md_escape(s['error'])}"]
+        return [f"**failed:** {md_escape(s['error'])}"]
     out = [
         f"- prior: {s['prior']}; task {s['task']}; {s['images']} held-out image(s) "
         f"{'x'.join(map(str, s['image_shape']))}; one batched pre-compiled run / images",
@@ -248,13 +237,13 @@ def _inverse_md(s: dict) -> list[str]:
     ]
     for r in s["rows"]:
         if "error" in r:
-            out.append(f"| {r['method']} | **failed:** {_md_escape(r['error'])} | | | | | | |")
+            out.append(f"| {r['method']} | **failed:** {md_escape(r['error'])} | | | | | | |")
             continue
         temp = r.get("temp_bytes")
         out.append(
             f"| {r['method']} | {r['s_per_image']:.3f} | {r['nfe']} | {r['backprops']} | "
             f"{r['psnr_db']:.2f} | {r['compile_s']:.1f} | "
-            f"{_f(None if temp is None else temp / 2**20, '{:.2f}')} | "
+            f"{fmt(None if temp is None else temp / 2**20, '{:.2f}')} | "
             f"{_mem(r.get('memory_running_peak'))} |"
         )
     return out
@@ -264,7 +253,7 @@ def _optional_md(s: dict) -> list[str]:
     if "missing" in s:
         return [f"Hook: {s['missing']}."]
     if "error" in s:
-        return [f"**failed:** {_md_escape(s['error'])}"]
+        return [f"**failed:** {md_escape(s['error'])}"]
     if isinstance(s.get("markdown"), str):
         return [s["markdown"].rstrip(), "", f"peak memory (child): {_mem(s.get('memory_process'))}"]
     body = json.dumps(s.get("record"), indent=1, default=str)

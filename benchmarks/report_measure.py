@@ -15,65 +15,34 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks._common import (
+    cpu_name,
+    memory_analysis,
+    peak_memory,
+    prompt_pair,
+    time_calls,
+    torch_fixtures,
+)
+
 HERE = Path(__file__).resolve().parent
 
 
 # ============================================================================ child helpers
 def _bench_module(name: str):
-    """Import ``benchmarks/<name>.py`` (the folder is not a package)."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
+    """``benchmarks.<name>``."""
     import importlib
 
-    return importlib.import_module(name)
-
-
-def _peak_memory() -> dict:
-    """This process's peak memory: device ``peak_bytes_in_use`` on GPU, else peak RSS."""
-    import resource
-
-    import jax
-
-    dev = jax.devices()[0]
-    try:
-        stats = dev.memory_stats()
-    except Exception:  # backends without stats raise
-        stats = None
-    if stats and "peak_bytes_in_use" in stats:
-        return {"bytes": int(stats["peak_bytes_in_use"]), "kind": "device peak_bytes_in_use"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"bytes": int(rss), "kind": "process peak RSS"}
-
-
-def _memory_analysis(compiled) -> dict | None:
-    """temp + argument + output bytes of an XLA executable (None if the backend has none)."""
-    try:
-        ma = compiled.memory_analysis()
-        parts = {n: int(getattr(ma, f"{n}_size_in_bytes")) for n in ("temp", "argument", "output")}
-    except Exception:
-        return None
-    return {"bytes": sum(parts.values()), "kind": "XLA memory_analysis temp+arg+out", **parts}
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def _steady(fn, sync, runs: int) -> dict:
     """First call (compile + run) timed apart from ``runs`` steady calls (median, min)."""
-    import statistics
-
-    t0 = time.perf_counter()
-    out = sync(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = sync(fn())
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+    st, out = time_calls(fn, runs, sync)
+    first = st.pop("warmup_s")
     return {
         "first_s": first,
-        "median_s": med,
-        "min_s": min(times),
-        "times_s": times,
-        "compile_s": max(first - med, 0.0),
+        **st,
+        "compile_s": max(first - st["median_s"], 0.0),
         "compile_method": "first-steady",
         "_out": out,
     }
@@ -81,18 +50,6 @@ def _steady(fn, sync, runs: int) -> dict:
 
 def _pop_out(rec: dict):
     return rec.pop("_out", None)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def child_peak(p, quick: bool, tmp: Path) -> dict:
@@ -106,7 +63,7 @@ def child_peak(p, quick: bool, tmp: Path) -> dict:
     out = {
         "platform": dev.platform,
         "device_kind": str(dev.device_kind),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_name(),
         "cpus": os.cpu_count(),
         "jax": jax.__version__,
         "datasheet_bf16_flops": ms._peak(str(dev.device_kind), "bf16"),
@@ -209,7 +166,7 @@ def child_mmdit(p, quick: bool, tmp: Path, case_name: str, engine: str) -> dict:
     )
     out = _pop_out(rec)
     rec["compile_s"], rec["compile_method"] = compile_s, "aot"
-    rec["memory"] = _memory_analysis(compiled)
+    rec["memory"] = memory_analysis(compiled)
     ref = folder / "diffusers.npy"
     if case.same_weights and ref.is_file():
         r = np.load(ref)
@@ -220,8 +177,6 @@ def child_mmdit(p, quick: bool, tmp: Path, case_name: str, engine: str) -> dict:
 
 
 def child_generation_build(p, quick: bool, tmp: Path, config: str) -> dict:
-    from _torch_env import torch_fixtures
-
     build_tiny_sd3_pipeline = torch_fixtures().build_tiny_sd3_pipeline
 
     ps = _bench_module("pipeline_speed")
@@ -290,7 +245,6 @@ def child_vae(p, quick: bool, tmp: Path, engine: str) -> dict:
     }
     if engine == "diffusers":
         import torch
-        from _torch_env import torch_fixtures
         from diffusers import AutoencoderKL
 
         randomize_ = torch_fixtures().randomize_
@@ -344,7 +298,7 @@ def child_vae(p, quick: bool, tmp: Path, engine: str) -> dict:
     rec.update(_steady(lambda: compiled(state, z), lambda o: o.block_until_ready(), p.vae_runs))
     out = np.asarray(_pop_out(rec), np.float32)
     rec["compile_s"], rec["compile_method"] = compile_s, "aot"
-    rec["memory"] = _memory_analysis(compiled)
+    rec["memory"] = memory_analysis(compiled)
     ref = np.load(tmp / "vae_diffusers.npy")
     rec["rel_max_err_vs_diffusers"] = float(np.max(np.abs(out - ref)) / (np.std(ref) or 1.0))
     return rec
@@ -354,19 +308,12 @@ def _switch_setup(p):
     """(field, shift, eps, cond_a, cond_b, label) for the profile's switch field."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     if p.switch_field == "embedded":
-        from rfmpc.data.grammar import sample_scene, to_prompt
-        from rfmpc.data.scene import DEFAULT_SHAPES
-        from rfmpc.data.train_text import mutate_scene
         from rfmpc.pipeline import load_pipeline
 
         pipe = load_pipeline(None)
-        rng = np.random.default_rng(0)
-        a = sample_scene(rng, n_objects=1)
-        b = mutate_scene(a, rng, 1, shapes=DEFAULT_SHAPES)
-        pa, pb = to_prompt(a), to_prompt(b)
+        pa, pb = prompt_pair(0)
         eps = jax.random.normal(jax.random.key(0), pipe.latent_shape(p.switch_samples, None, None))
         ca = pipe.encode_prompt([pa] * p.switch_samples)
         cb = pipe.encode_prompt([pb] * p.switch_samples)
@@ -477,7 +424,7 @@ def child_switch(p, quick: bool, tmp: Path) -> dict:
                 row["overhead_per_controlled_step_pct"] = 100.0 * extra / window / step_s
         except Exception as e:  # one method failing must not hide the others
             row["error"] = _reason(e)
-        row["memory_running_peak"] = _peak_memory()
+        row["memory_running_peak"] = peak_memory()
         rec["methods"].append(row)
         _partial(rec)
     return rec
@@ -510,7 +457,7 @@ def child_inverse(p, quick: bool, tmp: Path) -> dict:
             row["compile_method"] = "aot"
         except Exception as e:
             row = {"task": p.inverse_task, "method": name, "error": _reason(e)}
-        row["memory_running_peak"] = _peak_memory()
+        row["memory_running_peak"] = peak_memory()
         rows.append(row)
     return {
         "prior": prior.name,

@@ -1,7 +1,7 @@
 """Memory of exact shooting gradients through a 28-step solve, in forward activations.
 
-    python benchmarks/shooting_memory.py            # embedded-size and a wider MM-DiT, CPU
-    python benchmarks/shooting_memory.py --json --save
+    python -m benchmarks.shooting_memory            # embedded-size and a wider MM-DiT, CPU
+    python -m benchmarks.shooting_memory --json --save
 
 The issue's bar: ``jax.grad`` of the single-shooting objective through the whole remaining solve
 must fit in the memory of ~3 forward activations, by checkpointing. Measured here from XLA's own
@@ -25,6 +25,9 @@ On a GPU the same programs also run once and report ``peak_bytes_in_use`` from t
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
 
 import argparse
 import dataclasses

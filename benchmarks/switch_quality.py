@@ -1,9 +1,9 @@
 """Prompt-switch quality against cost, on held-out prompt pairs, with equal-cost baselines.
 
-    python benchmarks/switch_quality.py --save                 # held-out split, the table + PNG
-    python benchmarks/switch_quality.py --tune --save          # dev split: fit MPC() / Adaptive
-    python benchmarks/switch_quality.py --provider gmm --save  # exact GMM: analytic vs exact J
-    python benchmarks/switch_quality.py --quick                # a smoke run (2 pairs, 1 seed)
+    python -m benchmarks.switch_quality --save                 # held-out split, the table + PNG
+    python -m benchmarks.switch_quality --tune --save          # dev split: fit MPC() / Adaptive
+    python -m benchmarks.switch_quality --provider gmm --save  # exact GMM: analytic vs exact J
+    python -m benchmarks.switch_quality --quick                # a smoke run (2 pairs, 1 seed)
 
 Setting. Prompt A runs ``k`` of ``N = 28`` steps from seed noise ``eps`` (the embedded model,
 CFG 4, its own grid) and is cached with what a cache stores beside the state: ``v_A(x_k)``, A's
@@ -38,6 +38,9 @@ the same image) likewise. Controllers that use a similarity get the pooled text 
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: re-run as a module
+    import _as_module  # noqa: F401  (execs `python -m benchmarks.<name>`, never returns)
+
 import argparse
 import datetime as _dt
 import json
@@ -52,19 +55,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._common import loadavg_1min
 from rfmpc.control import (
     MPC,
     OSQP,
-    Adaptive,
-    Blend,
     Direct,
     Frozen,
     JVPBlocks,
-    MultipleShooting,
     Reproject,
-    SDEdit,
-    Shooting,
-    ShootingMPC,
     SwitchCache,
     stack_states,
     switch,
@@ -83,24 +81,28 @@ BANDS = (
 SPLIT_SEEDS = {"dev": 1000, "heldout": 2000}
 
 
+#: The MPC's other linearisations and targets, and a seed-target reproject, listed after the
+#: registry entry they vary.
+VARIANTS = {
+    "reproject": (("reproject[seed,3]", lambda: Reproject(iters=3, target="seed")),),
+    "mpc": (
+        ("mpc[seed]", lambda: MPC(target="seed")),
+        ("mpc[frozen-4]", lambda: MPC(linearisation=Frozen(probes=4))),
+        ("mpc[jvp-blocks,osqp]", lambda: MPC(linearisation=JVPBlocks(), solver=OSQP())),
+    ),
+}
+
+
 def controllers() -> list[tuple[str, object]]:
-    """The rows of the table: (label, controller) -- every class with its defaults, plus the
-    MPC's other linearisations and target for comparison."""
-    return [
-        ("direct", Direct()),
-        ("blend", Blend()),
-        ("adaptive", Adaptive()),
-        ("reproject", Reproject()),
-        ("reproject[seed,3]", Reproject(iters=3, target="seed")),
-        ("sdedit", SDEdit()),
-        ("mpc", MPC()),
-        ("mpc[seed]", MPC(target="seed")),
-        ("mpc[frozen-4]", MPC(linearisation=Frozen(probes=4))),
-        ("mpc[jvp-blocks,osqp]", MPC(linearisation=JVPBlocks(), solver=OSQP())),
-        ("shooting", Shooting()),
-        ("multiple-shooting", MultipleShooting()),
-        ("shooting-mpc", ShootingMPC()),
-    ]
+    """The rows of the table: (label, controller) -- every registered controller
+    (``rfmpc.cli.switch.CONTROLLERS``) with its defaults, each followed by its :data:`VARIANTS`."""
+    from rfmpc.cli.switch import CONTROLLERS
+
+    rows = []
+    for name, cls in CONTROLLERS.items():
+        rows.append((name, cls()))
+        rows += [(label, make()) for label, make in VARIANTS.get(name, ())]
+    return rows
 
 
 QUICK = ("direct", "reproject", "mpc", "shooting")
@@ -173,15 +175,6 @@ def _block(o):
     return o
 
 
-def _median_time(fn, runs: int) -> float:
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        _block(fn())
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def measure_ratios(field, x, sigma, cond, runs: int = 15) -> dict:
     """Cost of one JVP and one VJP relative to one forward pass (jitted, interleaved medians)."""
     f = jax.jit(lambda z: field(z, sigma, cond))
@@ -237,7 +230,7 @@ class Setup:
         return jax.tree.map(lambda t: t.reshape((-1, *t.shape[2:])), a)
 
     def score(self, x) -> dict:
-        from rfmpc.inverse.metrics import psnr
+        from rfmpc.metrics import psnr
 
         img = self.pipe.decode(x)
         return {
@@ -763,7 +756,7 @@ def gmm_report(samples: int = 512) -> tuple[str, list[dict]]:
 
 # ----------------------------------------------------------------------------- main
 def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return loadavg_1min(float("nan"))
 
 
 def _header(title: str, args, extra: str = "") -> str:
@@ -772,7 +765,7 @@ def _header(title: str, args, extra: str = "") -> str:
         f"## {title}\n\n- device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} cores; "
         f"jax {jax.__version__}; date {_dt.date.today().isoformat()}; load average (1 min) at "
         f"start {args.load_start:.2f}, end {_load():.2f}\n"
-        f"- command: `python benchmarks/switch_quality.py {' '.join(args.argv)}`{extra}"
+        f"- command: `python -m benchmarks.switch_quality {' '.join(args.argv)}`{extra}"
     )
 
 

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from rfmpc.io import atomic_write_bytes
+from rfmpc.metrics import psnr_total
 
 GRID_PROMPTS = [
     "a red circle at the top left on a blue background",
@@ -35,11 +36,6 @@ SWITCH_PAIR = (
     "a red circle at the top left on a blue background",
     "a small red circle at the top left on a blue background",
 )
-
-
-def _psnr(a, b) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
 def run_demo(out: Path, *, steps: int = 28, seed: int = 0, progress: bool = True) -> dict:
@@ -99,7 +95,7 @@ def _demo_switch(pipe, out: Path, steps: int, seed: int) -> dict:
     img_sw = np.asarray(pipe.decode(result.state.x))
     direct = switch(field, state, cond_b, Direct())
     img_direct = np.asarray(pipe.decode(direct.state.x))
-    p_mpc, p_direct = _psnr(img_sw, rb.images), _psnr(img_direct, rb.images)
+    p_mpc, p_direct = psnr_total(img_sw, rb.images), psnr_total(img_direct, rb.images)
     save_grid(
         out / "switch.png",
         np.concatenate([ra.images, rb.images, img_direct, img_sw]),

@@ -253,9 +253,9 @@ def restore(
     import jax
     import jax.numpy as jnp
 
-    from rfmpc.inverse.metrics import peak_memory, psnr, ssim, to_unit
     from rfmpc.inverse.operators import add_noise, make_operator
     from rfmpc.inverse.registry import make_solver
+    from rfmpc.metrics import peak_memory, psnr, ssim, to_unit
 
     check_restore_args(task, method, noise)
     check_mmse(method, mmse_samples)

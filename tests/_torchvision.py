@@ -7,7 +7,7 @@ defined). deepinv and transformers (through diffusers' ``StableDiffusion3Pipelin
 torchvision, so they fail too. Nothing this project runs calls torchvision's ops: when they are
 missing, :func:`ensure_importable` defines the two schemas torchvision registers unconditionally
 (``nms``, ``qnms``), with no kernel, so the import goes through; calling them would still raise.
-The tests use it through ``_deepinv.py``; the benchmarks through ``benchmarks/_torch_env.py``.
+The tests use it through ``_deepinv.py``; the benchmarks through ``benchmarks/_common.py``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -558,13 +557,9 @@ def bench(name: str, *argv: str):
     """``benchmarks/<name>.py``'s ``main(argv)`` (argparse errors exit 2 with a message)."""
 
     def prepare(c):
-        import importlib.util
+        import importlib
 
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
+        mod = importlib.import_module(f"benchmarks.{name}")
 
         def go():
             err = io.StringIO()

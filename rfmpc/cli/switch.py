@@ -92,7 +92,7 @@ def run_switch(
 ) -> dict:
     from rfmpc.cache import DiskCacheStore, ResumePolicy
     from rfmpc.control import SwitchCache, from_scratch_equal_nfe, switch
-    from rfmpc.inverse.metrics import psnr, ssim
+    from rfmpc.metrics import psnr, ssim
 
     controller = controller_from_name(method)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:

@@ -1,25 +1,20 @@
-"""Restoration metrics: PSNR, SSIM, wall time and peak memory.
+"""Restoration evaluation: wall time, bootstrap CIs and forward-pass equivalents.
 
-Images are compared on ``[0, 1]`` (``data_range = 1``); :func:`to_unit` maps the model's
-``[-1, 1]`` NHWC images there (clipping). :func:`ssim` is a batched JAX port of scikit-image's
-``structural_similarity`` defaults (7x7 uniform window, sample covariance, ``K1 = 0.01``,
-``K2 = 0.03``, mean over the interior and then over channels); ``tests/test_inverse_metrics.py``
-checks it against scikit-image. LPIPS is not provided: it needs pretrained network weights that
-cannot be obtained offline here, and a randomly initialised substitute would not be LPIPS.
+The image metrics (PSNR, SSIM, ``to_unit``) and ``peak_memory`` live in :mod:`rfmpc.metrics`,
+the one implementation the library, the CLI and the benchmarks share; they are re-exported here
+under their old names (``rfmpc.inverse.metrics.psnr`` etc. keep working).
 """
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+
+from rfmpc.metrics import peak_memory, psnr, ssim, ssim_skimage, to_unit
 
 __all__ = [
     "bootstrap_ci",
@@ -31,95 +26,6 @@ __all__ = [
     "timed",
     "to_unit",
 ]
-
-
-def to_unit(x: Float[Array, "b h w c"]) -> Float[Array, "b h w c"]:
-    """``[-1, 1]`` model images to ``[0, 1]``, clipped."""
-    return jnp.clip((jnp.asarray(x) + 1.0) * 0.5, 0.0, 1.0)
-
-
-def _check_pair(x, ref):
-    x, ref = jnp.asarray(x), jnp.asarray(ref)
-    if x.shape != ref.shape or x.ndim != 4:
-        raise ValueError(
-            f"x and ref must be NHWC batches of the same shape, got {x.shape} and {ref.shape}"
-        )
-    return x.astype(jnp.float32), ref.astype(jnp.float32)
-
-
-def psnr(
-    x: Float[Array, "b h w c"], ref: Float[Array, "b h w c"], data_range: float = 1.0
-) -> Float[Array, " b"]:
-    """Per-image PSNR in dB, ``10 log10(data_range^2 / MSE)`` (inf for identical images)."""
-    x, ref = _check_pair(x, ref)
-    mse = jnp.mean((x - ref) ** 2, axis=(1, 2, 3))
-    return 10.0 * jnp.log10(data_range**2 / mse)
-
-
-def _box(a, win):
-    """Mean over ``win x win`` windows, 'valid' positions only: (b, h, w, c) -> (b, h-w+1, ...)."""
-    s = jax.lax.reduce_window(a, 0.0, jax.lax.add, (1, win, win, 1), (1, 1, 1, 1), "VALID")
-    return s / (win * win)
-
-
-def ssim(
-    x: Float[Array, "b h w c"],
-    ref: Float[Array, "b h w c"],
-    data_range: float = 1.0,
-    win_size: int = 7,
-) -> Float[Array, " b"]:
-    """Per-image mean SSIM, equal to ``skimage.metrics.structural_similarity(x_i, ref_i,
-    channel_axis=-1, data_range=data_range)`` (its defaults: uniform window, sample covariance).
-
-    scikit-image filters the whole image and then discards a ``(win_size - 1) // 2`` border;
-    the kept values are exactly the 'valid' windows computed here.
-    """
-    x, ref = _check_pair(x, ref)
-    if win_size % 2 == 0 or win_size > min(x.shape[1:3]):
-        raise ValueError(f"win_size must be odd and <= the image size, got {win_size}")
-    n = win_size * win_size
-    cov_norm = n / (n - 1.0)
-    ux, uy = _box(x, win_size), _box(ref, win_size)
-    vx = cov_norm * (_box(x * x, win_size) - ux * ux)
-    vy = cov_norm * (_box(ref * ref, win_size) - uy * uy)
-    vxy = cov_norm * (_box(x * ref, win_size) - ux * uy)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    return s.mean(axis=(1, 2)).mean(axis=-1)
-
-
-def ssim_skimage(x, ref, data_range: float = 1.0) -> np.ndarray:
-    """scikit-image's SSIM per image (numpy; the reference :func:`ssim` is tested against)."""
-    from skimage.metrics import structural_similarity
-
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    if x.shape != ref.shape or x.ndim != 4:
-        raise ValueError(f"x and ref must be NHWC batches of one shape: {x.shape}, {ref.shape}")
-    return np.array(
-        [
-            structural_similarity(a, b, channel_axis=-1, data_range=data_range)
-            for a, b in zip(x, ref)
-        ]
-    )
-
-
-def peak_memory() -> tuple[int, str]:
-    """``(bytes, source)``: the accelerator's peak bytes in use when it reports them
-    (``source = "device:<platform>"``), else the process's peak resident set size
-    (``source = "process_rss"``, from ``resource.getrusage``; it includes everything the
-    process ever held, so it is an upper bound).
-    """
-    dev = jax.devices()[0]
-    stats = None
-    try:
-        stats = dev.memory_stats()
-    except Exception:  # some backends raise instead of returning None
-        stats = None
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), f"device:{dev.platform}"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
-    return int(rss * scale), "process_rss"
 
 
 def timed(fn: Callable[..., Any], *args, warmup: bool = True, **kwargs) -> tuple[Any, float, float]:
