@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -296,24 +297,21 @@ class PipelineOutput:
     sigmas: Array
 
 
-class _Progress:
-    """A tqdm bar advanced from inside the jitted solve via ``jax.debug.callback``."""
-
-    bar = None
-
-    @classmethod
-    def tick(cls, *_):
-        if cls.bar is not None:
-            cls.bar.update(1)
-
-
-class _ProgressField(eqx.Module):
-    field: Any
-
-    def __call__(self, x, sigma, cond):
-        v = self.field(x, sigma, cond)
-        jax.debug.callback(_Progress.tick, sigma, ordered=False)
-        return v
+def _resolve_meter(progress: bool, meter: Any) -> diffrax.AbstractProgressMeter:
+    """``progress=True`` is shorthand for a per-step tqdm bar; ``progress_meter=`` is the object."""
+    if not isinstance(meter, diffrax.AbstractProgressMeter):
+        raise TypeError(
+            f"progress_meter must be a diffrax.AbstractProgressMeter, got {type(meter).__name__}; "
+            "pass diffrax.TqdmProgressMeter(), diffrax.TextProgressMeter() or progress=True"
+        )
+    if not progress:
+        return meter
+    if not isinstance(meter, diffrax.NoProgressMeter):
+        raise ValueError(
+            "give progress=True or progress_meter=, not both (progress=True means "
+            "progress_meter=diffrax.TqdmProgressMeter(refresh_steps=1))"
+        )
+    return diffrax.TqdmProgressMeter(refresh_steps=1)
 
 
 @dataclasses.dataclass
@@ -481,6 +479,7 @@ class Pipeline:
         output_type: str = "np",
         return_states: Sequence[int] = (),
         progress: bool = False,
+        progress_meter: diffrax.AbstractProgressMeter = diffrax.NoProgressMeter(),
         mesh: Any = None,
         strict: bool = False,
     ) -> PipelineOutput:
@@ -497,7 +496,12 @@ class Pipeline:
             seed / key: randomness for the initial noise (one of them, or ``latents``).
             output_type: ``"np"`` (NHWC float32 in [0, 1]), ``"pil"`` or ``"latent"``.
             return_states: steps k at which to capture the :class:`TrajectoryState` (0..N).
-            progress: show a progress bar over denoising steps.
+            progress: show a tqdm bar over the denoising steps (shorthand for
+                ``progress_meter=diffrax.TqdmProgressMeter(refresh_steps=1)``).
+            progress_meter: a ``diffrax.AbstractProgressMeter`` passed into the solve
+                (default ``diffrax.NoProgressMeter()``). Its state lives in this call's solve,
+                so concurrent pipelines each drive their own meter; the images do not depend
+                on it. With ``return_states`` the grid is solved in segments, one meter each.
             strict: raise ``ValueError`` instead of warning (:class:`UnknownWordsWarning`) when
                 a prompt has words the embedded model's vocabulary lacks (an SD3 folder's
                 encoders have an open vocabulary: nothing to check).
@@ -515,6 +519,7 @@ class Pipeline:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
+        meter = _resolve_meter(progress, progress_meter)
         prompts = _as_list(prompt, "prompt")
         check_vocabulary(self.text_encoder, prompts, strict)
         shape = self.latent_shape(len(prompts), height, width)
@@ -576,28 +581,19 @@ class Pipeline:
         state = TrajectoryState(
             x=latents, step=0, sigmas=sig, key=key, cond=(cond, uncond), meta=meta
         )
-        if progress:
-            from tqdm import tqdm
-
-            _Progress.bar = tqdm(total=steps, desc="denoise", dynamic_ncols=True)
-            run_field = _ProgressField(field)
-        else:
-            run_field = field
         states: dict[int, TrajectoryState] = {}
         try:
             for k in [*ks, steps]:
                 if k > int(state.step):
                     start_state = state
-                    state = integrate(run_field, state, stop=k)
+                    state = integrate(field, state, stop=k, progress_meter=meter)
                     if not bool(np.asarray(_finite(state.x).addressable_data(0))):
                         _raise_nonfinite(field, start_state, k, prompts)
                 if k in ks:
                     states[k] = state
         finally:
-            if progress:
-                jax.effects_barrier()
-                _Progress.bar.close()
-                _Progress.bar = None
+            if not isinstance(meter, diffrax.NoProgressMeter):
+                jax.effects_barrier()  # the meter's closing callback has run before we return
         if mesh is not None:  # XLA may hand the solver loop's output back replicated: re-split
             state = eqx.tree_at(lambda s: s.x, state, shard_batch(state.x, mesh))
         images = state.x if output_type == "latent" else self.decode(state.x)

@@ -11,6 +11,11 @@ Pluggable pieces:
 * ``control``: ``None``; an array of per-step controls of shape ``(stop - start, *x.shape)`` held
   constant on each step (what shooting optimises); or a feedback law ``u(x, sigma, step)`` such as
   an MPC policy. Controls are added to the velocity in units of ``dx/dsigma``.
+* ``progress_meter``: a ``diffrax.AbstractProgressMeter`` (``TqdmProgressMeter()``,
+  ``TextProgressMeter()``; default ``NoProgressMeter()``) handed to ``diffrax.diffeqsolve``. Its
+  state lives in the solve (host callbacks keyed by a per-solve index), so concurrent solves
+  with their own meters never share a bar, and the path is bit-identical with or without one.
+  Its progress is the fraction of the sigma interval ``sigmas[start] .. sigmas[stop]`` done.
 
 Steps are indices into the grid: step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]``.
 ``start``/``stop`` are Python ints (static: one compilation per (start, stop, shape)).
@@ -138,8 +143,18 @@ def _check_field(field, x, sigmas, cond, start):
         )
 
 
+def _check_meter(progress_meter) -> diffrax.AbstractProgressMeter:
+    if not isinstance(progress_meter, diffrax.AbstractProgressMeter):
+        raise TypeError(
+            "progress_meter must be a diffrax.AbstractProgressMeter, got "
+            f"{type(progress_meter).__name__}; pass diffrax.TqdmProgressMeter(), "
+            "diffrax.TextProgressMeter() or diffrax.NoProgressMeter()"
+        )
+    return progress_meter
+
+
 @eqx.filter_jit
-def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint):
+def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint, progress_meter):
     # checked while tracing, i.e. once per compiled program, not on every call (an eager
     # eval_shape here cost a re-trace of the whole model per integrate call)
     _check_field(field, x, sigmas, cond, start)
@@ -165,12 +180,14 @@ def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint):
         saveat=saveat,
         adjoint=adjoint,
         max_steps=stop - start,
+        progress_meter=progress_meter,
     )
     return sol.ys
 
 
-def _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, save_path):
+def _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, meter, save_path):
     """Shared body of :func:`integrate` / :func:`integrate_path`: ``(final_state, xs | None)``."""
+    meter = _check_meter(meter)
     x, sig, cond, start, stop, key, meta = _resolve(state_or_x, sigmas, cond, start, stop, key)
     ctrl = _make_control(control, start, stop, x)
     state_cond = cond if not callable(cond) else getattr(state_or_x, "cond", None)
@@ -178,7 +195,7 @@ def _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, sa
         st = TrajectoryState(x=x, step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
         return st, x[None]
     adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
-    ys = _solve(field, x, sig, cond, ctrl, start, stop, save_path, adjoint)
+    ys = _solve(field, x, sig, cond, ctrl, start, stop, save_path, adjoint, meter)
     st = TrajectoryState(x=ys[-1], step=stop, sigmas=sig, key=key, cond=state_cond, meta=meta)
     return st, ys
 
@@ -194,6 +211,7 @@ def integrate(
     stop: int | None = None,
     key: Any = None,
     adjoint: diffrax.AbstractAdjoint | None = None,
+    progress_meter: diffrax.AbstractProgressMeter = diffrax.NoProgressMeter(),
 ) -> TrajectoryState:
     """Run Euler steps ``start .. stop - 1`` of the controlled ODE and return the new state.
 
@@ -209,12 +227,18 @@ def integrate(
         stop: one past the last step (default: the end of the grid). Python int.
         key: PRNG key stored in the returned state (default: the state's key).
         adjoint: diffrax adjoint (default ``RecursiveCheckpointAdjoint()``; exact gradients).
+        progress_meter: a ``diffrax.AbstractProgressMeter`` shown over this solve's steps
+            (default ``diffrax.NoProgressMeter()``; ``diffrax.TqdmProgressMeter(refresh_steps=1)``
+            for a tqdm bar). Each solve opens and closes its own meter; the latents do not
+            depend on it. Works under ``jit``/``vmap`` (diffrax drives it with host callbacks).
 
     Returns:
         The :class:`TrajectoryState` at step ``stop`` (if ``cond`` was a schedule, the returned
         state keeps the input state's cond).
     """
-    return _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, False)[0]
+    return _run(
+        field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, progress_meter, False
+    )[0]
 
 
 def integrate_path(
@@ -228,15 +252,18 @@ def integrate_path(
     stop: int | None = None,
     key: Any = None,
     adjoint: diffrax.AbstractAdjoint | None = None,
+    progress_meter: diffrax.AbstractProgressMeter = diffrax.NoProgressMeter(),
 ) -> tuple[TrajectoryState, Array]:
-    """Like :func:`integrate`, also returning every state ``x_start .. x_stop``.
+    """Like :func:`integrate` (same arguments), also returning every state ``x_start .. x_stop``.
 
     Returns:
         ``(final_state, xs)`` with ``xs`` of shape ``(stop - start + 1, *x.shape)``;
         ``xs[j]`` is the latent at step ``start + j`` (``xs[-1]`` is bit-identical to the final
         state's ``x``).
     """
-    return _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, True)
+    return _run(
+        field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, progress_meter, True
+    )
 
 
 def euler_reference(

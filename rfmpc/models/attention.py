@@ -241,7 +241,7 @@ class JointAttention(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         implementation: str = "auto",
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | object,  # or rfmpc.models.mmdit._KeyStream (has .params())
     ):
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(

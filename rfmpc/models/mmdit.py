@@ -84,7 +84,7 @@ def _sincos_1d(dim: int, pos, xp):
 
 def sincos_pos_embed_2d(
     embed_dim: int, grid_h: int, grid_w: int, base_size: float, *, xp=np
-) -> Float[Array, "grid_h grid_w embed_dim"]:
+) -> Float[Array | np.ndarray, "grid_h grid_w embed_dim"]:
     """The 2-D sinusoidal position table of diffusers' ``get_2d_sincos_pos_embed``.
 
     Row ``i`` sits at height ``i * base_size / grid_h`` and column ``j`` at width
@@ -170,7 +170,7 @@ class PatchEmbed(nnx.Module):
     the table is recomputed for each latent size.
     """
 
-    def __init__(self, config: MMDiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: MMDiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs | _KeyStream):
         p, c, d = config.patch_size, config.in_channels, config.inner_dim
         self.patch_size = p
         self.max_size = config.pos_embed_max_size
@@ -242,7 +242,7 @@ class TimestepTextEmbed(nnx.Module):
     diffusers' ``CombinedTimestepTextProjEmbeddings``, computed in float32.
     """
 
-    def __init__(self, dim: int, pooled_dim: int, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, pooled_dim: int, *, param_dtype, rngs: nnx.Rngs | _KeyStream):
         self.timestep_embedder = _MLP(TIMESTEP_CHANNELS, dim, param_dtype=param_dtype, rngs=rngs)
         self.text_embedder = _MLP(pooled_dim, dim, param_dtype=param_dtype, rngs=rngs)
 
@@ -259,7 +259,7 @@ class AdaLNModulation(nnx.Module):
     on each residual stream.
     """
 
-    def __init__(self, dim: int, chunks: int, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, chunks: int, *, param_dtype, rngs: nnx.Rngs | _KeyStream):
         self.chunks = chunks
         self.linear = _linear(
             dim, chunks * dim, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs, zero=True
@@ -273,7 +273,7 @@ class FeedForward(nnx.Module):
     """``fc2(gelu_tanh(fc1(x)))`` with a 4x hidden width (diffusers' ``FeedForward``
     with ``activation_fn="gelu-approximate"``)."""
 
-    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, mult: int = 4):
+    def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs | _KeyStream, mult: int = 4):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc1 = _linear(dim, mult * dim, **kw)
         self.fc2 = _linear(mult * dim, dim, **kw)
@@ -305,7 +305,7 @@ class JointTransformerBlock(nnx.Module):
         dtype,
         param_dtype,
         attention: str = "auto",
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | _KeyStream,
     ):
         self.context_pre_only = context_pre_only
         self.dual = dual
