@@ -74,7 +74,7 @@ _CODES = {dtype: code for code, dtype in DTYPES.items()}
 #: Largest JSON header rfmpc parses (the reference ``safetensors`` library's cap): a bigger claim
 #: is a corrupted or hostile file, never a reason to allocate.
 MAX_HEADER_BYTES = 100_000_000
-_ADVICE = "re-create the file (or re-download the checkpoint)"
+_ADVICE = "re-download or re-save the file"
 
 
 # ---------------------------------------------------------------------------- atomic writes

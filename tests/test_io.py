@@ -223,7 +223,7 @@ def test_header_over_the_cap_is_refused_with_a_clear_message(tmp_path):
         assert str(path) in msg  # the file
         assert f"{MAX_HEADER_BYTES + 1} header bytes" in msg  # the size it claims
         assert f"{MAX_HEADER_BYTES} allowed" in msg and "MAX_HEADER_BYTES" in msg  # the cap
-        assert "re-create" in msg  # what to do
+        assert "re-download or re-save the file" in msg  # what to do
     with pytest.raises(WeightLoadError, match=re.escape(f"{MAX_HEADER_BYTES} allowed")):
         rfmpc.weights_io.SafetensorsFile(path)
     # at the cap the claim is allowed (and then found past the end of this small file)
