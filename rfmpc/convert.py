@@ -19,6 +19,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from rfmpc.io import atomic_write_bytes
+
 __all__ = ["ConversionError", "convert_folder", "load_component", "load_transformer"]
 
 _COMPONENT_KINDS = {
@@ -217,7 +219,7 @@ def convert_folder(
                 if (src / name).is_dir():
                     shutil.copytree(src / name, tmp / name)
             index["_rfmpc_converted"] = True
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            atomic_write_bytes(tmp / "model_index.json", json.dumps(index, indent=2).encode())
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)

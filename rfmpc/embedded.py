@@ -57,10 +57,8 @@ def build_embedded_folder(
         "training": {"recipe": rec["train"]},
         **(extra or {}),
     }
+    # every file above went through rfmpc.io's atomic writes: the user's normal file mode
     atomic_write_bytes(tmp / "model_index.json", json.dumps(index, indent=2).encode())
-    for p in tmp.rglob("*"):
-        if p.is_file():
-            p.chmod(0o644)
     old = dest.with_name(dest.name + ".old")
     if dest.exists():
         dest.rename(old)

@@ -6,23 +6,23 @@ re-exports these names as ``weights_conversion.safetensors_io``) read checkpoint
 the models never import the conversion package.
 
 The safetensors format is an 8-byte little-endian header length, a JSON header mapping tensor
-names to ``{dtype, shape, data_offsets}``, then raw little-endian bytes. We parse it ourselves and
-memory-map the data so that bf16 / fp16 / fp32 checkpoints load without torch and without more
-than one host copy of a tensor at a time (``safetensors``' numpy backend cannot read bf16).
+names to ``{dtype, shape, data_offsets}``, then raw little-endian bytes. :mod:`rfmpc.io` parses
+it (one dtype table, one header validator) and memory-maps the data, so bf16 / fp16 / fp32
+checkpoints load without torch and without more than one host copy of a tensor at a time
+(``safetensors``' numpy backend cannot read bf16).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from rfmpc.io import SafetensorsReadError, parse_safetensors_header
+from rfmpc.io import DTYPES, SafetensorsReadError
+from rfmpc.io import SafetensorsFile as _SafetensorsFile
 
 __all__ = [
     "SafetensorsFile",
@@ -34,82 +34,24 @@ __all__ = [
     "release_pages",
 ]
 
-_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-
-_FLOAT_DTYPES = frozenset(_DTYPES[k] for k in ("F64", "F32", "F16", "BF16"))
-
-_MAX_HEADER = 100 * 1024 * 1024
+_FLOAT_DTYPES = frozenset(DTYPES[k] for k in ("F64", "F32", "F16", "BF16"))
 
 
 class WeightLoadError(ValueError):
     """A checkpoint does not match the model: missing, unmapped or mis-shaped keys, bad files."""
 
 
-class SafetensorsFile:
-    """One ``.safetensors`` file: header parsed eagerly, tensors memory-mapped on demand."""
+class SafetensorsFile(_SafetensorsFile):
+    """One ``.safetensors`` file, memory-mapped (:class:`rfmpc.io.SafetensorsFile`), raising
+    :class:`WeightLoadError` on a missing file or an unreadable header."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise WeightLoadError(f"{self.path}: no such safetensors file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise WeightLoadError(
-                    f"{self.path}: truncated safetensors file ({size} bytes, no header); "
-                    "re-download or re-save the checkpoint"
-                )
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise WeightLoadError(
-                    f"{self.path}: corrupted safetensors header (claims {n} header bytes, file "
-                    f"has {size}); the file is truncated or not a safetensors file"
-                )
-            header = f.read(n)
-        self._data_start = 8 + n
+        if not Path(path).is_file():
+            raise WeightLoadError(f"{path}: no such safetensors file")
         try:
-            entries, metadata = parse_safetensors_header(
-                header, size - self._data_start, str(self.path), _DTYPES
-            )
+            super().__init__(path)
         except SafetensorsReadError as e:
-            raise WeightLoadError(f"{e}; re-download or re-save the checkpoint") from e
-        self.metadata: dict[str, str] = metadata
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = entries
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name][1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._entries[name][0]
-
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only numpy memmap view (no copy until used)."""
-        dtype, shape, begin, end = self._entries[name]
-        if end == begin:
-            return np.zeros(shape, dtype)
-        mm = np.memmap(
-            self.path,
-            dtype=np.uint8,
-            mode="r",
-            offset=self._data_start + begin,
-            shape=(end - begin,),
-        )
-        return mm.view(dtype).reshape(shape)
+            raise WeightLoadError(str(e)) from e
 
 
 def find_weight_files(folder: str | os.PathLike, stem: str) -> list[Path]:

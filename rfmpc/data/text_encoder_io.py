@@ -20,11 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from rfmpc.data.tokenizer import PromptTokenizer
-from rfmpc.io import atomic_write_bytes
+from rfmpc.io import SafetensorsReadError, atomic_write_bytes, load_safetensors, save_safetensors
 from rfmpc.models.text_encoder import PromptEncoder, TextEncoder, TextEncoderConfig
 
 __all__ = ["DEFAULT_TEXT_ENCODER_DIR", "load_text_encoder", "save_text_encoder"]
@@ -54,8 +53,10 @@ def save_text_encoder(
 ) -> None:
     """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` to ``folder``.
 
-    Each file is written atomically (temp file, fsync, rename). ``metadata`` (JSON-able) is stored
-    in ``config.json`` under ``"training"``.
+    Each file is written atomically (:mod:`rfmpc.io`: temp file, fsync, rename); the weights are
+    standard safetensors (float32, ``{"format": "np"}`` metadata), so folders written before
+    through ``safetensors.numpy`` and folders written now read alike. ``metadata`` (JSON-able) is
+    stored in ``config.json`` under ``"training"``.
     """
     if model.config.vocab_size != tokenizer.vocab_size:
         raise ValueError(
@@ -71,9 +72,7 @@ def save_text_encoder(
         "training": dict(metadata or {}),
     }
     atomic_write_bytes(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-    atomic_write_bytes(
-        folder / "model.safetensors", safetensors.numpy.save(tensors, metadata={"format": "np"})
-    )
+    save_safetensors(folder / "model.safetensors", tensors, {"format": "np"})
     tokenizer.save(folder / "tokenizer.json")
 
 
@@ -82,9 +81,9 @@ def _load_model(folder: Path, config: TextEncoderConfig) -> TextEncoder:
     if not path.is_file():
         raise FileNotFoundError(f"no model.safetensors in {folder}")
     try:
-        tensors = safetensors.numpy.load(path.read_bytes())
-    except Exception as e:  # safetensors raises its own error types on corrupted files
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        tensors, _ = load_safetensors(path)
+    except SafetensorsReadError as e:
+        raise ValueError(f"not a readable safetensors file: {e}") from e
     abstract = nnx.eval_shape(lambda: TextEncoder(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)

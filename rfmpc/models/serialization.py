@@ -8,27 +8,25 @@ A folder holds
   position table) under its dotted nnx path (``transformer_blocks.0.attn.to_q.kernel``), in
   rfmpc layout and in the dtype it had in memory, so loading is a plain strict copy.
 
-Both files are written atomically (temporary file in the same folder, fsync, ``os.replace``), so
-a crash never leaves a half-written file under the final name. Loading builds the model
-abstractly with ``nnx.eval_shape`` (no random init) and fills it strictly through
-:func:`rfmpc.weights_io.load_into_model`. Safetensors + JSON only: nothing is unpickled.
+Both files are written atomically through :mod:`rfmpc.io` (temporary file in the same folder,
+fsync, ``os.replace``), so a crash never leaves a half-written file under the final name; the
+weights stream one tensor at a time (:func:`rfmpc.io.write_safetensors`, re-exported here).
+Loading builds the model abstractly with ``nnx.eval_shape`` (no random init) and fills it
+strictly through :func:`rfmpc.weights_io.load_into_model`. Safetensors + JSON only: nothing is
+unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
-import numpy as np
 from flax import nnx
 
-from rfmpc.io import user_file_mode
+from rfmpc.io import atomic_write_bytes, write_safetensors
 from rfmpc.weights_io import WeightLoadError, load_into_model, open_folder
 
 __all__ = [
@@ -50,85 +48,6 @@ WEIGHTS_NAME = f"{WEIGHTS_STEM}.safetensors"
 
 #: The nnx variables a saved model carries: everything but RNG state, caches and intermediates.
 PERSISTENT = nnx.Not(nnx.Any(nnx.RngState, nnx.Cache, nnx.Intermediate))
-
-_CODES = {
-    np.dtype(np.float64): "F64",
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16",
-    np.dtype(np.int64): "I64",
-    np.dtype(np.int32): "I32",
-    np.dtype(np.int16): "I16",
-    np.dtype(np.int8): "I8",
-    np.dtype(np.uint8): "U8",
-    np.dtype(np.bool_): "BOOL",
-}
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Run ``write(file)`` on a temporary file next to ``path``, fsync it, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), user_file_mode())  # mkstemp makes 0600
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # persist the rename itself (POSIX); harmless where directories cannot be opened
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def write_safetensors(
-    path: str | os.PathLike,
-    tensors: Iterable[tuple[str, Any]] | Mapping[str, Any],
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Write ``tensors`` (name -> array, numpy or jax) as one safetensors file, atomically.
-
-    Arrays are fetched to host one at a time while writing (bf16 included, no torch needed).
-    """
-    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for name, arr in items:
-        dtype = np.dtype(arr.dtype)
-        if dtype not in _CODES:
-            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
-        nbytes = int(np.prod(arr.shape, dtype=np.int64)) * dtype.itemsize
-        header[name] = {
-            "dtype": _CODES[dtype],
-            "shape": [int(s) for s in arr.shape],
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-
-    def write(f):
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for _, arr in items:
-            host = np.ascontiguousarray(np.asarray(arr))
-            if host.dtype.byteorder == ">":  # safetensors is little-endian
-                host = host.byteswap()
-            f.write(host.reshape(-1).view(np.uint8).data)
-
-    _atomic_write(Path(path), write)
 
 
 def _dotted(path) -> str:
@@ -163,7 +82,7 @@ def save_model(
     flat = nnx.to_flat_state(nnx.state(model, PERSISTENT))
     tensors = [(_dotted(path), var.get_value()) for path, var in flat]
     write_safetensors(folder / WEIGHTS_NAME, tensors, {"format": "rfmpc", "kind": kind})
-    _atomic_write(folder / CONFIG_NAME, lambda f: f.write(config_text.encode() + b"\n"))
+    atomic_write_bytes(folder / CONFIG_NAME, config_text.encode() + b"\n")
     return folder
 
 
