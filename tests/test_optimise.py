@@ -150,7 +150,7 @@ def test_outcomes_combine_in_graph_and_are_one_enumeration():
         "plan_diverged",
         "plan_control_too_large",
     )
-    assert {"optimiser_nonfinite", "optimiser_diverged", "unguided_fallback"} <= set(OUTCOMES)
+    assert {"optimiser_nonfinite", "optimiser_diverged"} <= set(OUTCOMES)
 
     @jax.jit
     @jax.vmap

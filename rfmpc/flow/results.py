@@ -74,11 +74,6 @@ class RESULTS(eqx.Enumeration):
         "stopped and its last accepted iterate (and its best one) were kept (lower the learning "
         "rate)"
     )
-    # ---- inverse solvers (rfmpc.inverse)
-    unguided_fallback = (
-        "an MPC-Flow sub-problem's control was non-finite; the unguided prior step (u = 0) ran "
-        "on that sampler step"
-    )
 
 
 #: Outcome names in code order (``OUTCOMES[code]``).
