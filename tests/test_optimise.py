@@ -141,8 +141,8 @@ def test_throw_raises_in_jit_with_the_outcome_message():
 
 
 def test_outcomes_combine_in_graph_and_are_one_enumeration():
-    """``RESULTS.where`` picks per problem inside jit and vmap; control re-exports the same class, with
-    the codes the switch reports unchanged."""
+    """``RESULTS.where`` picks per problem inside jit and vmap; control re-exports the same
+    class, with the codes the switch reports unchanged."""
     assert rfmpc.control.RESULTS is RESULTS and rfmpc.control.OUTCOMES == OUTCOMES
     assert OUTCOMES[:4] == (
         "successful",
