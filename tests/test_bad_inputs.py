@@ -630,7 +630,8 @@ TABLE: list[Bad] = [
         TypeError, r"x must be a floating-point latent, got dtype int32; convert it with"),
     Bad("integrate-wrong-shape", "flow",
         call(integrate, _velocity, jnp.zeros((1, 4, 4, 3)), _SIGMAS, COND_A), ValueError,
-        r"velocity field failed on x of shape \(1, 4, 4, 3\): x must have shape \(b, \*\(8, 8"),
+        r"velocity field cannot take x of shape \(1, 4, 4, 3\) \(ValueError: x must have shape "
+        r"\(b, \*\(8, 8"),
     Bad("integrate-stop-out-of-range", "flow", call(integrate, _velocity, STATE, stop=9),
         ValueError, r"stop=9 is out of range: it must satisfy start=2 <= stop <= 6"),
     Bad("integrate-negative-start", "flow",

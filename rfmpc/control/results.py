@@ -1,11 +1,12 @@
-"""What a switch returns besides its latent: one outcome enumeration and an honest cost count.
+"""What a switch returns besides its latent: its outcome and an honest cost count.
 
-:class:`RESULTS` plays the part of diffrax's ``RESULTS``: every controller reports its outcome as
-an item of this one ``equinox.Enumeration``, decided inside the compiled graph (so a single
-:func:`~rfmpc.control.switch` and a vmapped :func:`~rfmpc.control.switch_batch` take the same
-fallbacks), and ``throw=True`` turns any non-successful outcome into a run-time error through
-``RESULTS.error_if``. Every outcome but ``successful`` is a *fallback*: the controller's output was
-discarded on a step (or for its whole plan) and the plain command ran instead.
+:class:`RESULTS` is the project's one outcome enumeration, :class:`rfmpc.flow.results.RESULTS`
+(re-exported here with its helpers): every controller reports its outcome as an item of it,
+decided inside the compiled graph (so a single :func:`~rfmpc.control.switch` and a vmapped
+:func:`~rfmpc.control.switch_batch` take the same fallbacks), and ``throw=True`` turns any
+non-successful outcome into a run-time error through ``result.error_if``. Every outcome but
+``successful`` is a *fallback*: the controller's output was discarded on a step (or for its whole
+plan) and the plain command ran instead.
 
 :class:`Cost` counts model evaluations by kind. A JVP or a VJP is not one forward pass: on the
 models here a ``jax.jvp`` costs about 1.5-2.5 forwards and a ``jax.vjp`` 2-3 (measured by
@@ -20,49 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
+from rfmpc.flow.results import OUTCOMES, RESULTS, outcome, outcome_code, outcome_from_code
+
 __all__ = ["OUTCOMES", "RESULTS", "Cost", "outcome", "outcome_code", "outcome_from_code"]
-
-
-class RESULTS(eqx.Enumeration):
-    """Outcome of a switch (or of one controlled step). Messages say what ran instead."""
-
-    successful = ""
-    plan_nonfinite = (
-        "the shooting objective or its gradient became non-finite; the plan was discarded and "
-        "the command (u = 0) ran instead"
-    )
-    plan_diverged = (
-        "the shooting objective diverged (rose above divergence_ratio times its initial value); "
-        "the plan was discarded and the command (u = 0) ran instead"
-    )
-    plan_control_too_large = (
-        "the planned controls exceeded max_control; the plan was discarded and the command "
-        "(u = 0) ran instead"
-    )
-    plan_control_nonfinite = (
-        "the planned controls were non-finite; the plan was discarded and the command (u = 0) "
-        "ran instead"
-    )
-    start_nonfinite = (
-        "the controller's start state (re-projected or re-noised) was non-finite; the switch "
-        "started from the cached state instead"
-    )
-    qp_not_converged = (
-        "the MPC QP did not converge within its iteration cap; the command (u = 0) ran on that "
-        "step (raise the solver's maxiter or loosen tol)"
-    )
-    control_nonfinite = (
-        "the controller's control or linearisation was non-finite; the command (u = 0) ran on "
-        "that step"
-    )
-    bound_violation = (
-        "the MPC control left the box |u| <= u_max; the command (u = 0) ran on that step"
-    )
-    step_nonfinite = "a controlled step produced NaN/inf; the command's own step was taken instead"
-    rollout_nonfinite = (
-        "the controlled rollout ended non-finite; the plain command was re-run from the cached "
-        "state and its result returned"
-    )
 
 
 def _as_int(v) -> Array:
@@ -106,22 +67,3 @@ class Cost(eqx.Module):
     def to_dict(self) -> dict:
         """Python ints (or lists for a batch): ``{"forwards", "jvps", "vjps"}``."""
         return {k: np.asarray(getattr(self, k)).tolist() for k in ("forwards", "jvps", "vjps")}
-
-
-#: Outcome names in code order (``OUTCOMES[code]``).
-OUTCOMES: tuple[str, ...] = tuple(RESULTS._name_to_item)
-
-
-def outcome_code(item) -> Array:
-    """The int32 code of a (possibly traced or stacked) :class:`RESULTS` item."""
-    return jnp.asarray(item._value, jnp.int32)
-
-
-def outcome_from_code(code) -> RESULTS:
-    """The :class:`RESULTS` item (traced or stacked) with these int codes."""
-    return eqx.tree_at(lambda r: r._value, RESULTS.successful, jnp.asarray(code, jnp.int32))
-
-
-def outcome(code: int) -> RESULTS:
-    """The concrete :class:`RESULTS` item of a Python int code."""
-    return getattr(RESULTS, OUTCOMES[int(code)])

@@ -32,10 +32,12 @@ rollout is a ``lax.scan`` of Euler steps with each step under ``jax.checkpoint``
 hand back the vector-field evaluations this reuse needs. Each gradient is one VJP through those
 ``H + 1`` calls.
 
-Optimisation: optax (Adam by default, cosine-decayed step), early stop when the relative
+Optimisation: the shared loop :func:`rfmpc.flow.optimise.minimise` with optax (Adam by
+default, cosine-decayed step, wrapped in ``optax.apply_if_finite``), early stop when the relative
 improvement stays below ``rtol`` for ``patience`` iterations, the best iterate kept; a
-non-finite objective/gradient or a blow-up past ``divergence_ratio`` stops it and the plan is
-discarded (:class:`~rfmpc.control.results.RESULTS`).
+non-finite objective/gradient/step or a value past the loop's divergence rule
+(``J > J_0 + divergence_ratio * |J_0|``) stops it and the plan is discarded
+(:class:`~rfmpc.control.results.RESULTS`).
 
 Cost, honestly: ``iterations x (H + 1)`` forwards and as many VJPs for the plan, then the
 ``N - k`` steps of the rollout. On the embedded model at ``k = 10`` of 28 that is 10-20 times a
@@ -75,6 +77,7 @@ from rfmpc.control.direct import Direct
 from rfmpc.control.reproject import check_target
 from rfmpc.control.results import RESULTS, Cost
 from rfmpc.control.schedules import alpha_direct
+from rfmpc.flow.optimise import make_optimiser, minimise
 
 __all__ = [
     "SHOOTING_STATUS",
@@ -86,7 +89,9 @@ __all__ = [
     "shooting_objective",
 ]
 
-#: Status codes of an optimisation (``ShootingPlan.status``).
+#: Why a plan's optimisation stopped (``ShootingPlan.status``, ``diagnostics["status"]``): a
+#: stop reason, not an outcome code; the plan's outcome is a :class:`RESULTS` item, where
+#: 2 and 3 map to ``plan_nonfinite`` and ``plan_diverged``.
 SHOOTING_STATUS = {0: "converged", 1: "max-iter", 2: "non-finite", 3: "diverged"}
 
 
@@ -237,83 +242,47 @@ class _OptimiserConfig(eqx.Module):
     divergence_ratio: float
 
     def make(self, num_iters: int) -> optax.GradientTransformation:
-        lr = optax.cosine_decay_schedule(self.learning_rate, max(num_iters, 1), self.lr_final)
-        return optax.adam(lr) if self.optimizer == "adam" else optax.sgd(lr)
+        """Adam or SGD, cosine-decayed over ``num_iters``, wrapped in ``apply_if_finite``."""
+        return make_optimiser(
+            self.optimizer, self.learning_rate, decay_steps=num_iters, decay_alpha=self.lr_final
+        )
 
 
 def _optimise(loss_fn, params0, cfg: _OptimiserConfig, max_iter: int):
-    """Minimise ``loss_fn(params) -> (J, aux)`` with optax; early stop; keep the best iterate.
+    """Minimise ``loss_fn(params) -> (J, aux)`` with the shared loop; early stop; the best iterate.
 
-    Stops on a non-finite objective or gradient (status 2) and when the objective exceeds
-    ``divergence_ratio`` times the first one (status 3).
+    :func:`rfmpc.flow.optimise.minimise` with ``max_rejections=0``: the first non-finite
+    objective, gradient or step (status 2) or diverged objective (status 3; the loop's one
+    divergence rule) stops it, and the plan is discarded by the caller.
 
     Returns ``(best_params, best_J, best_aux, history (max_iter,), iterations, status)``.
     """
-    opt = cfg.make(max_iter)
-    vg = jax.value_and_grad(loss_fn, has_aux=True)
-    (j0, aux0), _ = jax.eval_shape(vg, params0)
-    dtype = j0.dtype
-    zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
-
-    class Carry(NamedTuple):
-        it: Array
-        params: Any
-        opt_state: Any
-        best_params: Any
-        best_j: Array
-        best_aux: Any
-        j_prev: Array
-        stall: Array
-        hist: Array
-        fault: Array
-        j_first: Array
-
-    def cond(c: Carry):
-        return (c.it < max_iter) & (c.stall < cfg.patience) & (c.fault == 0)
-
-    def body(c: Carry):
-        (j, aux), g = vg(c.params)
-        finite = jnp.isfinite(j) & jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)])
-        )
-        j_first = jnp.where(c.it == 0, j, c.j_first)
-        diverged = finite & (j > cfg.divergence_ratio * jnp.maximum(j_first, 0.0))
-        fault = jnp.where(~finite, 2, jnp.where(diverged, 3, 0)).astype(jnp.int32)
-        better = finite & (j < c.best_j)
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
-        rel = (c.j_prev - j) / jnp.maximum(jnp.abs(c.j_prev), jnp.finfo(dtype).tiny)
-        upd, opt_state = opt.update(g, c.opt_state, c.params)
-        return Carry(
-            it=c.it + 1,
-            params=optax.apply_updates(c.params, upd),
-            opt_state=opt_state,
-            best_params=pick(c.params, c.best_params),
-            best_j=jnp.where(better, j, c.best_j),
-            best_aux=pick(aux, c.best_aux),
-            j_prev=j,
-            stall=jnp.where(rel < cfg.rtol, c.stall + 1, 0),
-            hist=c.hist.at[c.it].set(j),
-            fault=fault,
-            j_first=j_first,
-        )
-
-    inf = jnp.asarray(jnp.inf, dtype)
-    init = Carry(
-        jnp.int32(0),
+    st = minimise(
+        loss_fn,
         params0,
-        opt.init(params0),
-        params0,
-        inf,
-        zero_aux,
-        inf,
-        jnp.int32(0),
-        jnp.full((max_iter,), jnp.nan, dtype),
-        jnp.int32(0),
-        inf,
+        cfg.make(max_iter),
+        max_steps=max_iter,
+        divergence_ratio=cfg.divergence_ratio,
+        rtol=cfg.rtol,
+        patience=cfg.patience,
+        max_rejections=0,
+        has_aux=True,
     )
-    out = jax.lax.while_loop(cond, body, init)
-    status = jnp.where(out.fault > 0, out.fault, jnp.where(out.stall >= cfg.patience, 0, 1))
-    return out.best_params, out.best_j, out.best_aux, out.hist, out.it, status.astype(jnp.int32)
+    status = jnp.where(
+        st.result == RESULTS.optimiser_nonfinite,
+        2,
+        jnp.where(
+            st.result == RESULTS.optimiser_diverged, 3, jnp.where(st.converged(cfg.patience), 0, 1)
+        ),
+    )
+    return (
+        st.best_params,
+        st.best_value,
+        st.best_aux,
+        st.history,
+        st.num_steps,
+        status.astype(jnp.int32),
+    )
 
 
 def objective_of(c) -> _Objective:
@@ -418,8 +387,9 @@ class Shooting(AbstractController):
             or SGD, cosine-decayed step, early stop).
         consistency_weight, effort_weight, smoothness_weight, terminal_weight: the objective.
         target: ``"a-implied"`` (default) or ``"seed"``.
-        divergence_ratio: stop (and discard the plan) when the objective exceeds this times its
-            initial value.
+        divergence_ratio: stop (and discard the plan) when the objective rises above its initial
+            value by more than this times that value (``J > J_0 + ratio |J_0|``; the shared
+            loop's rule, :mod:`rfmpc.flow.optimise`).
         max_control: discard a plan whose largest control exceeds this (velocity units).
         remat: checkpoint each rollout step (memory ~ one step's activations).
         init_controls: warm start ``(H, *x.shape)`` (e.g. a previous plan); default zeros.

@@ -63,6 +63,7 @@ from rfmpc.control.results import (
     outcome_from_code,
 )
 from rfmpc.control.schedules import BlendedField, BlendSchedule, blend_nfe
+from rfmpc.flow.fields import check_field
 from rfmpc.flow.schedule import flowmatch_sigmas
 from rfmpc.flow.solve import integrate, integrate_path
 from rfmpc.flow.state import TrajectoryState
@@ -318,20 +319,15 @@ def _validate(field, x, sigmas, k: int, cond_a, cond_b, cached: SwitchCache) -> 
                 f"{_tree_shapes(cond_a)}: encode prompt B with the model (and batch size) that "
                 "produced A's state, e.g. pipe.encode_prompt(prompt_b)"
             )
-    try:
-        out = jax.eval_shape(lambda x_, s_, c_: field(x_, s_, c_), x, sigmas[k], cond_b)
-    except Exception as e:
-        raise ValueError(
-            f"the velocity field cannot take state_a.x of shape {tuple(x.shape)} "
-            f"({type(e).__name__}: {e}); the cached state comes from another model or "
-            "resolution: regenerate prompt A with this model"
-        ) from e
-    if getattr(out, "shape", None) != x.shape:
-        raise ValueError(
-            f"the velocity field returned shape {getattr(out, 'shape', None)} for state_a.x of "
-            f"shape {tuple(x.shape)}: the cached state comes from another model or resolution; "
-            "regenerate prompt A with this model"
-        )
+    check_field(
+        field,
+        x,
+        sigmas[k],
+        cond_b,
+        what=f"state_a.x of shape {tuple(x.shape)}",
+        fix="the cached state comes from another model or resolution: regenerate prompt A with "
+        "this model",
+    )
 
 
 def _step_of(state: TrajectoryState) -> int:

@@ -37,8 +37,44 @@ __all__ = [
     "ConditionalGaussianMixture",
     "GaussianMixture",
     "VelocityField",
+    "check_field",
     "classifier_free_guidance",
 ]
+
+
+def check_field(
+    field: Callable[..., Any],
+    x: Any,
+    sigma: Any,
+    cond: Any = None,
+    *,
+    what: str,
+    fix: str,
+    name: str = "the velocity field",
+) -> None:
+    """The one field/shape check: ``field(x, sigma, cond)`` traces and returns ``x``'s shape.
+
+    Runs ``jax.eval_shape`` (no model evaluation; ``x`` and ``sigma`` may be arrays or
+    ``jax.ShapeDtypeStruct``), so it is free at trace time; the flow core, the controllers and
+    the inverse solvers all call it and differ only in how they name the input and the fix.
+
+    Raises:
+        ValueError: ``"{name} cannot take {what} ({error}); {fix}"`` when the field fails on
+            ``x``, and ``"{name} returned shape {got} for {what}: {fix}"`` when its output is
+            not ``x``'s shape. ``what`` names the input with its shape (e.g. ``"state_a.x of
+            shape (1, 64, 64, 16)"``); ``fix`` says what to do.
+    """
+    shape = tuple(x.shape)
+    try:
+        # a fresh closure: eval_shape keys its cache on the callable, and comparing an
+        # equinox-Module field holding tracers (called under an outer jit) would fail
+        out = jax.eval_shape(lambda x_, s_, c_: field(x_, s_, c_), x, sigma, cond)
+    except Exception as e:  # surface the field's own error with context
+        raise ValueError(f"{name} cannot take {what} ({type(e).__name__}: {e}); {fix}") from e
+    got = getattr(out, "shape", None)
+    if got is None or tuple(got) != shape:
+        got = type(out).__name__ if got is None else tuple(got)
+        raise ValueError(f"{name} returned shape {got} for {what}: {fix}")
 
 
 @runtime_checkable

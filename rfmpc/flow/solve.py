@@ -33,10 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from rfmpc.flow.fields import check_field
 from rfmpc.flow.schedule import validate_sigmas
 from rfmpc.flow.state import TrajectoryState
 
-__all__ = ["PiecewiseConstantControl", "euler_reference", "integrate", "integrate_path"]
+__all__ = [
+    "PiecewiseConstantControl",
+    "euler_reference",
+    "integrate",
+    "integrate_grid",
+    "integrate_path",
+]
 
 
 class PiecewiseConstantControl(eqx.Module):
@@ -129,18 +136,14 @@ def _make_control(control, start, stop, x):
 
 def _check_field(field, x, sigmas, cond, start):
     c = cond(sigmas[start], jnp.int32(start)) if callable(cond) else cond
-    try:
-        # a fresh closure: eval_shape keys its cache on the callable, and comparing an
-        # equinox-Module field holding tracers (called under an outer jit) would fail
-        out = jax.eval_shape(lambda x_, s_, c_: field(x_, s_, c_), x, sigmas[start], c)
-    except Exception as e:  # surface the field's own error with context
-        raise ValueError(f"the velocity field failed on x of shape {x.shape}: {e}") from e
-    if not hasattr(out, "shape") or out.shape != x.shape:
-        got = getattr(out, "shape", type(out).__name__)
-        raise ValueError(
-            f"the velocity field returned shape {got} for x of shape {x.shape}: the state and the "
-            "field do not match (wrong latent size/channels for this model?)"
-        )
+    check_field(
+        field,
+        x,
+        sigmas[start],
+        c,
+        what=f"x of shape {tuple(x.shape)}",
+        fix="the state and the field do not match (wrong latent size/channels for this model?)",
+    )
 
 
 def _check_meter(progress_meter) -> diffrax.AbstractProgressMeter:
@@ -153,11 +156,8 @@ def _check_meter(progress_meter) -> diffrax.AbstractProgressMeter:
     return progress_meter
 
 
-@eqx.filter_jit
-def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint, progress_meter):
-    # checked while tracing, i.e. once per compiled program, not on every call (an eager
-    # eval_shape here cost a re-trace of the whole model per integrate call)
-    _check_field(field, x, sigmas, cond, start)
+def _term(field, sigmas, cond, control) -> diffrax.ODETerm:
+    """The controlled vector field ``v(x, sigma, cond(sigma, step)) + u(x, sigma, step)``."""
 
     def vf(t, y, args):
         i = _step_index(sigmas, t)
@@ -167,10 +167,18 @@ def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint, pro
             v = v + control(y, t, i)
         return v.astype(y.dtype)
 
+    return diffrax.ODETerm(vf)
+
+
+@eqx.filter_jit
+def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint, progress_meter):
+    # checked while tracing, i.e. once per compiled program, not on every call (an eager
+    # eval_shape here cost a re-trace of the whole model per integrate call)
+    _check_field(field, x, sigmas, cond, start)
     ts = sigmas[start : stop + 1]
     saveat = diffrax.SaveAt(t0=True, steps=True) if save_path else diffrax.SaveAt(t1=True)
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vf),
+        _term(field, sigmas, cond, control),
         diffrax.Euler(),
         t0=ts[0],
         t1=ts[-1],
@@ -183,6 +191,20 @@ def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint, pro
         progress_meter=progress_meter,
     )
     return sol.ys
+
+
+def _scan_solve(field, x, sigmas, cond, control):
+    """The same term and ``diffrax.Euler`` step as :func:`_solve`, driven by a ``lax.scan`` over
+    the grid: reverse-mode differentiation keeps every step's residuals and re-runs nothing
+    (diffrax's own loops re-run steps in the backward pass)."""
+    _check_field(field, x, sigmas, cond, 0)
+    term, solver = _term(field, sigmas, cond, control), diffrax.Euler()
+
+    def step(y, t):
+        return solver.step(term, t[0], t[1], y, None, None, False)[0], None
+
+    y, _ = jax.lax.scan(step, x, (sigmas[:-1], sigmas[1:]))
+    return y
 
 
 def _run(field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, meter, save_path):
@@ -264,6 +286,48 @@ def integrate_path(
     return _run(
         field, state_or_x, sigmas, cond, control, start, stop, key, adjoint, progress_meter, True
     )
+
+
+def integrate_grid(
+    field: Callable[[Array, Array, Any], Array],
+    x: Array,
+    sigmas: Float[Array, " k_plus_1"],
+    cond: Any = None,
+    *,
+    control: Array | None = None,
+    checkpoint: bool = True,
+) -> Array:
+    """The solve of :func:`integrate` on a bare grid: ``x`` at ``sigmas[0]`` to ``sigmas[-1]``.
+
+    For solvers that own no :class:`TrajectoryState`: the grid may be traced (built inside the
+    caller's ``jit``, e.g. a receding-horizon sub-problem's) and may run either way (an
+    increasing grid integrates towards noise, the inversion of the ODE); it is not validated.
+    The same controlled term and ``diffrax.Euler`` step as :func:`integrate`, so it is the
+    scheduler's ``x <- x + (s_next - s) (v + u)`` with one field call a step.
+
+    Args:
+        field: ``v(x, sigma, cond)``.
+        x: the state at ``sigmas[0]``.
+        sigmas: the ``K + 1`` grid nodes (``K >= 1``).
+        cond: the field's conditioning pytree.
+        control: ``(K, *x.shape)`` per-step controls or None.
+        checkpoint: ``True``: ``diffeqsolve`` with ``RecursiveCheckpointAdjoint`` and a
+            checkpoint a step (a gradient keeps ``K`` states and re-runs each step once);
+            ``False``: the Euler steps under a ``lax.scan`` (a gradient keeps every step's
+            residuals and re-runs none).
+
+    Returns:
+        The state at ``sigmas[-1]``.
+    """
+    k = int(np.shape(sigmas)[0]) - 1
+    if k < 1:
+        raise ValueError(f"sigmas must have at least 2 nodes, got shape {np.shape(sigmas)}")
+    ctrl = _make_control(control, 0, k, x)
+    sigmas = jnp.asarray(sigmas)
+    if not checkpoint:
+        return _scan_solve(field, x, sigmas, cond, ctrl)
+    adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=k)
+    return _solve(field, x, sigmas, cond, ctrl, 0, k, False, adjoint, diffrax.NoProgressMeter())[-1]
 
 
 def euler_reference(

@@ -25,6 +25,9 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from rfmpc.flow.fields import check_field
+from rfmpc.flow.optimise import make_optimiser, minimise
+from rfmpc.flow.solve import integrate_grid
 from rfmpc.inverse.operators import AbstractOperator
 from rfmpc.sharding import BatchShardedField, replicate, shard_batch
 
@@ -95,16 +98,19 @@ class RestoreResult(eqx.Module):
 
 
 class InnerSolver(eqx.Module):
-    """The optax optimiser of an inner (sub-)problem.
+    """The optimiser of an inner (sub-)problem, from plain arguments.
 
-    ``optimizer="adam"``: ``iters`` Adam steps of learning rate ``lr`` (one value-and-grad each).
-    ``divergence_ratio``: an iterate whose loss exceeds the first one's by this factor (times
-    ``max(|loss_0|, 1e-30)``) counts as diverged and is rejected like a non-finite one
-    (:func:`minimize`).
+    ``optimizer="adam"``: ``iters`` Adam steps of learning rate ``lr`` (one value-and-grad each),
+    wrapped in ``optax.apply_if_finite`` (a non-finite gradient is skipped).
     ``optimizer="lbfgs"``: ``iters`` L-BFGS iterations (memory ``memory``) with a zoom line
     search of at most ``linesearch_steps`` evaluations; the evaluations it actually spends are
     counted. Note that L-BFGS couples the images of a batch (one line search for the summed
     loss), while Adam is separable, i.e. exactly per image.
+    ``divergence_ratio``: the shared loop's divergence rule (:mod:`rfmpc.flow.optimise`): an
+    iterate whose loss exceeds the first one's by this factor times ``|loss_0|`` is rejected like
+    a non-finite one (:func:`minimize`).
+    Both are built by :func:`rfmpc.flow.optimise.make_optimiser` (:meth:`optimiser`) and run by
+    :func:`rfmpc.flow.optimise.minimise`.
     """
 
     optimizer: str = eqx.field(static=True, default="adam")
@@ -124,6 +130,12 @@ class InnerSolver(eqx.Module):
         if not self.divergence_ratio > 1:
             raise ValueError(f"divergence_ratio must be > 1, got {self.divergence_ratio}")
 
+    def optimiser(self) -> optax.GradientTransformation:
+        """The optax transformation these arguments describe."""
+        return make_optimiser(
+            self.optimizer, self.lr, memory=self.memory, linesearch_steps=self.linesearch_steps
+        )
+
 
 def minimize(
     loss: Callable[[Any], Array], params: Any, inner: InnerSolver
@@ -131,85 +143,45 @@ def minimize(
     """Minimise a scalar ``loss(params)``; returns ``(params, evaluations, last_value)``.
 
     ``evaluations`` counts calls of ``value_and_grad(loss)`` (each one forward and one backward
-    pass of whatever ``loss`` contains). Runs in a ``lax.fori_loop`` (jit-able, static length).
-    Safeguarded: an iteration whose value or gradient is non-finite, or whose value exceeds
-    the first value by ``inner.divergence_ratio`` (a diverging step size), is rejected -- the
-    parameters go back to the last iterate with a finite value and gradient, the optimiser
-    state is not updated -- and if any iteration was rejected that last finite iterate is
-    returned, so a NaN in the loss never reaches the returned parameters (the returned update
-    of a fully finite run is, as before, the step after the last evaluation).
-    :func:`minimize_counted` also returns how many iterations were rejected.
+    pass of whatever ``loss`` contains; for L-BFGS every line-search evaluation). Runs the shared
+    loop :func:`rfmpc.flow.optimise.minimise` (a ``lax.while_loop`` of ``inner.iters``
+    iterations; jit-able). Safeguarded by its one rule: an iteration whose value is non-finite or
+    exceeds the first value by ``inner.divergence_ratio`` times its magnitude (a diverging step
+    size), or whose step is non-finite, is rejected -- the parameters go back to the last
+    accepted iterate, the optimiser state is not updated -- and a non-finite gradient is skipped
+    by ``apply_if_finite``; if any iteration was rejected the last accepted iterate is returned,
+    so a NaN in the loss never reaches the returned parameters (the returned update of a fully
+    finite run is, as before, the step after the last evaluation). :func:`minimize_counted` also
+    returns how many iterations were rejected.
     """
     p, n, v, _ = minimize_counted(loss, params, inner)
     return p, n, v
 
 
-def _all_finite(tree) -> Array:
-    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def _keep_if(ok, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-
-def _acceptable(i, v, g, v_first, ratio: float):
-    """``(ok, v_first)``: finite value and gradient, and no divergence from the first value."""
-    v_first = jnp.where(i == 0, v, v_first).astype(v_first.dtype)
-    bound = v_first + ratio * jnp.maximum(jnp.abs(v_first), 1e-30)
-    ok = jnp.isfinite(v) & _all_finite(g) & ~(v > bound)
-    return ok, v_first
-
-
 def minimize_counted(
     loss: Callable[[Any], Array], params: Any, inner: InnerSolver
 ) -> tuple[Any, Int[Array, ""], Array, Int[Array, ""]]:
-    """:func:`minimize`, also returning the number of rejected (non-finite) iterations."""
+    """:func:`minimize`, also returning the number of rejected (non-finite or diverged)
+    iterations."""
     if inner.iters == 0:
         return params, jnp.int32(0), loss(params), jnp.int32(0)
-    if inner.optimizer == "adam":
-        opt = optax.adam(inner.lr)
-        vg = jax.value_and_grad(loss)
-
-        def body(i, carry):
-            p, st, good, v_last, bad, v_first = carry
-            v, g = vg(p)
-            ok, v_first = _acceptable(i, v, g, v_first, inner.divergence_ratio)
-            good = _keep_if(ok, p, good)
-            upd, st_new = opt.update(g, st, p)
-            p_new = optax.apply_updates(p, upd)
-            v_last = jnp.where(ok, v, v_last).astype(v_last.dtype)
-            p, st = _keep_if(ok, p_new, good), _keep_if(ok, st_new, st)
-            return p, st, good, v_last, bad + ~ok, v_first
-
-        nan = jnp.full((), jnp.nan, jnp.float32)
-        init = (params, opt.init(params), params, nan, jnp.int32(0), nan)
-        p, _, good, v, bad, _ = jax.lax.fori_loop(0, inner.iters, body, init)
-        return _keep_if(bad > 0, good, p), jnp.int32(inner.iters), v, bad
-    opt = optax.lbfgs(
-        memory_size=inner.memory,
-        linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=inner.linesearch_steps),
+    st = minimise(
+        loss,
+        params,
+        inner.optimiser(),
+        max_steps=inner.iters,
+        divergence_ratio=inner.divergence_ratio,
     )
-    vg = optax.value_and_grad_from_state(loss)
+    return st.final_params(), st.num_evals, st.value, st.num_rejected
 
-    def body_l(i, carry):
-        p, st, good, n, v_last, bad, v_first = carry
-        v, g = vg(p, state=st)
-        ok, v_first = _acceptable(i, v, g, v_first, inner.divergence_ratio)
-        good = _keep_if(ok, p, good)
-        upd, st_new = opt.update(g, st, p, value=v, grad=g, value_fn=loss)
-        n = n + optax.tree_utils.tree_get(st_new, "num_linesearch_steps")
-        p_new = optax.apply_updates(p, upd)
-        ok_next = ok & _all_finite(p_new)  # the line search may have stepped into NaN
-        bad = bad + ~ok_next
-        v_last = jnp.where(ok, v, v_last).astype(v_last.dtype)
-        p, st = _keep_if(ok_next, p_new, good), _keep_if(ok_next, st_new, st)
-        return p, st, good, n, v_last, bad, v_first
 
-    nan = jnp.full((), jnp.nan, jnp.float32)
-    init = (params, opt.init(params), params, jnp.int32(1), nan, jnp.int32(0), nan)
-    p, _, good, n, v, bad, _ = jax.lax.fori_loop(0, inner.iters, body_l, init)
-    return _keep_if(bad > 0, good, p), n.astype(jnp.int32), v, bad
+class _NoCond(eqx.Module):
+    """``v(x, sigma)`` as the flow core's ``v(x, sigma, cond)``."""
+
+    velocity: Callable[[Array, Array], Array]
+
+    def __call__(self, x, sigma, cond):
+        return self.velocity(x, sigma)
 
 
 def euler_rollout(
@@ -223,40 +195,36 @@ def euler_rollout(
 ) -> Array:
     """Controlled Euler steps ``x <- x + (s_{j+1} - s_j) (v(x, s_j) + u_j)`` over ``sigmas``.
 
+    The flow core's solve (:func:`rfmpc.flow.integrate_grid`, diffrax ``Euler`` on ``StepTo``)
+    for a velocity without conditioning.
+
     Args:
         velocity: ``v(x, sigma)``.
         x: the state at ``sigmas[0]``.
-        sigmas: the (possibly traced) grid of ``K + 1`` noise levels, decreasing.
+        sigmas: the (possibly traced) grid of ``K + 1`` noise levels.
         controls: ``(K, *x.shape)`` per-step controls, or None.
         v0: the velocity at ``(x, sigmas[0])`` if already known: the first step then makes no
             model call (and nothing is differentiated through it).
-        checkpoint: rematerialise each step in the backward pass (``jax.checkpoint``), so the
-            memory of a gradient through ``K`` steps is ``O(K)`` states, not ``O(K)`` networks'
-            activations.
+        checkpoint: rematerialise each step once in the backward pass (diffrax's
+            ``RecursiveCheckpointAdjoint`` with a checkpoint a step), so the memory of a gradient
+            through ``K`` steps is ``O(K)`` states, not ``O(K)`` networks' activations;
+            ``False``: no recomputation (see :func:`rfmpc.flow.integrate_grid`).
 
     Returns:
         The state at ``sigmas[-1]``. It makes ``K`` model calls (``K - 1`` with ``v0``).
     """
     k = sigmas.shape[0] - 1
-    if controls is None:
-        controls = jnp.zeros((k, *x.shape), x.dtype)
-    if controls.shape != (k, *x.shape):
+    if controls is not None and controls.shape != (k, *x.shape):
         raise ValueError(f"controls must have shape {(k, *x.shape)}, got {controls.shape}")
-
-    def step(x, inp):
-        s, s_next, u = inp
-        return x + (s_next - s).astype(x.dtype) * (velocity(x, s) + u), None
-
-    if checkpoint:
-        step = jax.checkpoint(step)
     start = 0
     if v0 is not None:
-        x = x + (sigmas[1] - sigmas[0]).astype(x.dtype) * (v0 + controls[0])
+        u0 = 0.0 if controls is None else controls[0]
+        x = x + (sigmas[1] - sigmas[0]).astype(x.dtype) * (v0 + u0)
         start = 1
     if start == k:
         return x
-    x, _ = jax.lax.scan(step, x, (sigmas[start:-1], sigmas[start + 1 :], controls[start:]))
-    return x
+    u = None if controls is None else controls[start:]
+    return integrate_grid(_NoCond(velocity), x, sigmas[start:], control=u, checkpoint=checkpoint)
 
 
 def _bcast(a: Array, like: Array) -> Array:
@@ -329,20 +297,15 @@ class AbstractInverseSolver(eqx.Module):
                 f"the operator cannot measure a state of shape {shape} against y of shape "
                 f"{y.shape}: {e}"
             ) from e
-        state = jax.ShapeDtypeStruct(shape, y.dtype)
-        try:
-            v = jax.eval_shape(lambda z: problem.velocity(z, jnp.ones((), z.dtype)), state)
-        except Exception as e:
-            raise ValueError(
-                f"the prior's velocity field cannot take a state of shape {shape} (from y of shape "
-                f"{y.shape}): {type(e).__name__}: {e}; y must match the model's image size and "
-                "channels (resize it), or pass shape= for a latent model"
-            ) from e
-        if getattr(v, "shape", None) != shape:
-            raise ValueError(
-                f"the prior's velocity field returned shape {getattr(v, 'shape', None)} for a "
-                f"state of shape {shape}: y does not match the model's image size and channels"
-            )
+        check_field(
+            lambda z, sigma, cond: problem.velocity(z, sigma),
+            jax.ShapeDtypeStruct(shape, y.dtype),
+            jax.ShapeDtypeStruct((), y.dtype),
+            what=f"a state of shape {shape} (from y of shape {y.shape})",
+            fix="y must match the model's image size and channels (resize it), or pass shape= "
+            "for a latent model",
+            name="the prior's velocity field",
+        )
         return problem, shape
 
     @staticmethod
