@@ -128,7 +128,8 @@ def test_mpc_nan_jacobian_falls_back_per_step(case):
 def test_shooting_nan_gradient_discards_the_plan(case):
     gm, st, direct = case
     r = switch(NaNJacobian(gm), st, jnp.int32(1), Shooting())
-    assert r.outcome == "plan_nonfinite" and int(r.diagnostics["status"]) == 2
+    assert r.outcome == "plan_nonfinite"
+    assert r.diagnostics["optimiser_result"] == RESULTS.optimiser_nonfinite
     assert r.fallback and "gradient became non-finite" in r.fallback_reason
     assert "plan was discarded" in r.fallback_reason
     _same_as(r, direct)
@@ -163,7 +164,9 @@ def test_nonfinite_controlled_rollout_reruns_the_command(case):
     field = NaNBelow(gm, level=level, radius=6.0)
     init = jnp.full((3, *st.x.shape), 50.0)
     r = switch(field, st, jnp.int32(1), Shooting(max_iter=1, init_controls=init))
-    assert int(r.diagnostics["status"]) == 1  # max-iter: the plan passed its own checks
+    # the optimiser ran to max_iter without a fault: the plan passed its own checks
+    assert r.diagnostics["optimiser_result"] == RESULTS.successful
+    assert not bool(r.diagnostics["stopped_early"]) and int(r.diagnostics["iterations"]) == 1
     assert r.fallback and r.outcome == "rollout_nonfinite"
     assert "rollout ended non-finite" in r.fallback_reason
     _same_as(r, direct)
