@@ -146,3 +146,44 @@ def test_an_unguided_step_is_reported_as_a_fallback(prior):
     # the inner loop's own outcome comes first
     first = mpc_flow._add_faults(mpc_flow._fault(ok, ok, RESULTS.optimiser_diverged), total)
     assert first[2] == RESULTS.optimiser_diverged
+
+
+class NaNBelow(eqx.Module):
+    """A field that is NaN below sigma ``level`` (no safe restoration exists)."""
+
+    field: object
+    level: float = eqx.field(static=True, default=0.3)
+
+    def __call__(self, x, sigma, cond):
+        return jnp.where(sigma < self.level, jnp.nan, self.field(x, sigma, cond))
+
+
+def test_restore_and_the_cli_surface_the_outcome(monkeypatch, capsys):
+    """``rfmpc.restore.restore`` reports the outcome's name in its record (it solves with
+    throw=False); ``rfmpc restore --json`` prints it and exits 1 naming it and what it means."""
+    import json
+
+    import rfmpc.restore as restore_mod
+    from rfmpc.cli import main
+    from rfmpc.inverse import IsotropicMixtureField
+    from rfmpc.restore import Prior, outcome_message, restore
+
+    means = np.zeros((2, 16, 16, 3), np.float32)
+    sound = Prior("mixture", IsotropicMixtureField(means, 0.1), (16, 16, 3))
+    broken = Prior("nan mixture", NaNBelow(IsotropicMixtureField(means, 0.1)), (16, 16, 3))
+    ok = restore(sound, task="denoise", method="flowchef", seed=0)
+    assert ok.result == ok.record["result"] == "successful"
+    bad = restore(broken, task="denoise", method="flowchef", seed=0)
+    assert bad.result == "restoration_nonfinite"
+    assert "no safe result" in outcome_message(bad.result) and outcome_message("successful") == ""
+
+    monkeypatch.setattr(restore_mod, "provide_prior", lambda name="embedded": broken)
+    code = main("restore --task denoise --method flowchef --seed 0 --json".split())
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert json.loads(out.strip().splitlines()[-1])["result"] == "restoration_nonfinite"
+    assert "flowchef solve ended with outcome 'restoration_nonfinite'" in err
+    assert "no safe result" in err
+    monkeypatch.setattr(restore_mod, "provide_prior", lambda name="embedded": sound)
+    assert main("restore --task denoise --method flowchef --seed 0 --json".split()) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["result"] == "successful"
