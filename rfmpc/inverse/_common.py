@@ -262,12 +262,22 @@ def first_fault(*results: RESULTS) -> RESULTS:
 
 
 def _error_if(res: RestoreResult, solver) -> RestoreResult:
-    """``res.result.error_if(res, res.result != successful)``, the message prefixed with the
-    solver's name."""
+    """``res.result.error_if(res.result, res.result != successful)``, the message prefixed with
+    the solver's name.
+
+    The check is threaded through the outcome, and every other output depends on the checked
+    outcome through ``where(code < 0, 0, a)`` (never true at run time; a dependency neither JAX
+    nor XLA removes): whichever output a caller's ``jit`` keeps (only ``x``, say), the check
+    runs. Threading the arrays through the check itself (``eqx.error_if(res, ...)``) would do
+    the same but makes XLA return them replicated on a mesh; the select keeps their shardings.
+    """
     name = type(solver).__name__
     msgs = [m and f"{name}: {m}" for m in RESULTS._index_to_message]
-    code = outcome_code(res.result)
-    return eqx.branched_error_if(res, res.result != RESULTS.successful, code, msgs)
+    r = res.result
+    checked = eqx.branched_error_if(r, r != RESULTS.successful, outcome_code(r), msgs)
+    never = outcome_code(checked) < 0
+    rest = jax.tree.map(lambda a: jnp.where(never, jnp.zeros_like(a), a), res)
+    return eqx.tree_at(lambda t: t.result, rest, checked)
 
 
 @eqx.filter_jit
