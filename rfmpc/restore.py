@@ -34,6 +34,7 @@ __all__ = [
     "check_mmse",
     "check_restore_args",
     "heldout_images",
+    "outcome_message",
     "prior_from_pipeline",
     "procedural_prior",
     "provide_prior",
@@ -184,8 +185,10 @@ class Restoration:
     """The outcome of :func:`restore`.
 
     ``record``: the JSON-ready metrics (task, method, psnr_db, ssim, wall_s, nfe, backprops,
-    peak_mem_bytes, ...); ``measurement``, ``estimate``, ``truth``: ``(h, w, 3)`` images in
-    ``[0, 1]`` (the measurement as the operator displays it at full size).
+    peak_mem_bytes, ..., and ``result``, the solve's outcome as a
+    :class:`~rfmpc.flow.results.RESULTS` name); ``measurement``, ``estimate``, ``truth``:
+    ``(h, w, 3)`` images in ``[0, 1]`` (the measurement as the operator displays it at full
+    size).
     """
 
     record: dict
@@ -197,6 +200,11 @@ class Restoration:
     def panels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(measurement, estimate, truth)``, the order of the command line's PNG strip."""
         return self.measurement, self.estimate, self.truth
+
+    @property
+    def result(self) -> str:
+        """The solve's outcome, a :class:`~rfmpc.flow.results.RESULTS` name (``"successful"``)."""
+        return self.record["result"]
 
 
 def check_restore_args(task: str, method: str, noise: float | None) -> None:
@@ -249,10 +257,14 @@ def restore(
     ``wall_s`` is the solve alone (pre-compiled; ``compile_s`` is reported apart).
     ``mmse_samples = m > 1`` (MPC-Flow methods only) returns the average of ``m`` independent
     MPC-Flow samples, an estimate of the posterior mean (``m`` times the cost of one).
+    The solve runs with ``throw=False``: an unsuccessful outcome (e.g.
+    ``restoration_nonfinite``) does not raise here but is reported as ``record["result"]``
+    (:func:`outcome_message` explains it); the command line exits non-zero on it.
     """
     import jax
     import jax.numpy as jnp
 
+    from rfmpc.flow.results import OUTCOMES, outcome_code
     from rfmpc.inverse.operators import add_noise, make_operator
     from rfmpc.inverse.registry import make_solver
     from rfmpc.metrics import peak_memory, psnr, ssim, to_unit
@@ -288,6 +300,7 @@ def restore(
         cond=prior.cond_for(1),
         decode=prior.decode,
         shape=prior.state_shape(1),
+        throw=False,
     )
     t0 = time.perf_counter()
     res = jax.block_until_ready(compiled())
@@ -312,6 +325,7 @@ def restore(
         "prior": prior.name,
         "truth": source,
         "device": str(jax.devices()[0]),
+        "result": OUTCOMES[int(outcome_code(res.result))],
     }
     return Restoration(
         record=record,
@@ -319,6 +333,16 @@ def restore(
         estimate=np.asarray(est[0]),
         truth=np.asarray(ref[0]),
     )
+
+
+def outcome_message(name: str) -> str:
+    """What the outcome called ``name`` (a ``record["result"]``) means: its
+    :class:`~rfmpc.flow.results.RESULTS` message (empty for ``"successful"``)."""
+    from rfmpc.flow.results import OUTCOMES, RESULTS, outcome
+
+    if name not in OUTCOMES:
+        raise ValueError(f"unknown outcome {name!r}; one of {list(OUTCOMES)}")
+    return RESULTS[outcome(OUTCOMES.index(name))]
 
 
 def restore_files(

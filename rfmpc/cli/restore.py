@@ -9,6 +9,7 @@ argparse front end and re-exports those three names.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rfmpc.cli._common import emit
 from rfmpc.restore import restore_files
@@ -26,9 +27,11 @@ RESTORE_HELP = """Restore one image with MPC-Flow or a baseline and print its me
 The ground truth is ``--image`` (resized to the model's resolution if needed), or the image
 ``rfmpc.data`` renders for ``--prompt``, or (neither) a held-out procedural scene drawn from the
 seed. The measurement is ``y = A(truth) + noise`` with the task's operator; the JSON has at least
-``task, method, psnr_db, ssim, wall_s, nfe, peak_mem_bytes``. ``wall_s`` is the solve alone
-(pre-compiled; ``compile_s`` is reported apart). Inverse problems use the *unconditional* prior:
-the prompt only renders the truth, it does not condition the model (that would leak the answer).
+``task, method, psnr_db, ssim, wall_s, nfe, peak_mem_bytes, result`` (``result``: the solve's
+outcome, ``successful`` or a ``rfmpc.flow.RESULTS`` name; any other exits 1, naming it).
+``wall_s`` is the solve alone (pre-compiled; ``compile_s`` is reported apart). Inverse problems
+use the *unconditional* prior: the prompt only renders the truth, it does not condition the model
+(that would leak the answer).
 
 The model comes from ``rfmpc.restore.provide_prior`` (``--prior``; default: the embedded model
 through ``rfmpc.pipeline.load_pipeline(None)``, adapted by ``prior_from_pipeline``).
@@ -36,7 +39,7 @@ through ``rfmpc.pipeline.load_pipeline(None)``, adapted by ``prior_from_pipeline
 
 
 def cmd_restore(args) -> int:
-    from rfmpc.restore import provide_prior
+    from rfmpc.restore import outcome_message, provide_prior
 
     out = restore_files(
         provide_prior(args.prior),
@@ -50,6 +53,13 @@ def cmd_restore(args) -> int:
         mmse_samples=args.mmse,
     )
     emit(out, args.json)
+    if out["result"] != "successful":
+        print(
+            f"rfmpc restore: error: the {args.method} solve ended with outcome "
+            f"{out['result']!r}: {outcome_message(out['result'])}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -57,7 +57,6 @@ from rfmpc.control.schedules import (
 )
 from rfmpc.control.sdedit import SDEdit
 from rfmpc.control.shooting import (
-    SHOOTING_STATUS,
     MultipleShooting,
     Shooting,
     ShootingPlan,
@@ -82,7 +81,6 @@ __all__ = [
     "OSQP",
     "OUTCOMES",
     "RESULTS",
-    "SHOOTING_STATUS",
     "AbstractCommand",
     "AbstractController",
     "AbstractLinearisation",

@@ -62,7 +62,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from rfmpc.control.base import (
     AbstractCommand,
@@ -80,7 +80,6 @@ from rfmpc.control.schedules import alpha_direct
 from rfmpc.flow.optimise import make_optimiser, minimise
 
 __all__ = [
-    "SHOOTING_STATUS",
     "MultipleShooting",
     "Shooting",
     "ShootingPlan",
@@ -88,11 +87,6 @@ __all__ = [
     "noise_consistency_error",
     "shooting_objective",
 ]
-
-#: Why a plan's optimisation stopped (``ShootingPlan.status``, ``diagnostics["status"]``): a
-#: stop reason, not an outcome code; the plan's outcome is a :class:`RESULTS` item, where
-#: 2 and 3 map to ``plan_nonfinite`` and ``plan_diverged``.
-SHOOTING_STATUS = {0: "converged", 1: "max-iter", 2: "non-finite", 3: "diverged"}
 
 
 def implied_noise(field, x: Array, sigma, cond) -> Array:
@@ -120,7 +114,13 @@ class ShootingPlan(eqx.Module):
         final_objective: the objective of the returned (best) controls.
         iterations: optimiser iterations run.
         defect: max absolute continuity defect between segments (0 for single shooting).
-        status: a key of :data:`SHOOTING_STATUS`.
+        result: the optimisation's outcome, a :class:`RESULTS` item of the shared loop:
+            ``successful``, ``optimiser_nonfinite`` or ``optimiser_diverged`` (the plan's own
+            outcome, ``plan_nonfinite`` / ``plan_diverged`` / ..., follows from it; for multiple
+            shooting the first unsuccessful round's).
+        stopped_early: the loop stopped by its early-stop rule (relative improvement below
+            ``rtol`` for ``patience`` iterations; every round, for multiple shooting) rather than
+            at ``max_iter`` -- a stop reason, not an outcome: either is ``successful``.
         cost: model evaluations of the planning.
     """
 
@@ -130,7 +130,8 @@ class ShootingPlan(eqx.Module):
     final_objective: Float[Array, ""]
     iterations: Int[Array, ""]
     defect: Float[Array, ""]
-    status: Int[Array, ""]
+    result: RESULTS
+    stopped_early: Bool[Array, ""]
     cost: Cost
 
 
@@ -252,10 +253,12 @@ def _optimise(loss_fn, params0, cfg: _OptimiserConfig, max_iter: int):
     """Minimise ``loss_fn(params) -> (J, aux)`` with the shared loop; early stop; the best iterate.
 
     :func:`rfmpc.flow.optimise.minimise` with ``max_rejections=0``: the first non-finite
-    objective, gradient or step (status 2) or diverged objective (status 3; the loop's one
-    divergence rule) stops it, and the plan is discarded by the caller.
+    objective, gradient or step (``RESULTS.optimiser_nonfinite``) or diverged objective
+    (``RESULTS.optimiser_diverged``; the loop's one divergence rule) stops it, and the plan is
+    discarded by the caller.
 
-    Returns ``(best_params, best_J, best_aux, history (max_iter,), iterations, status)``.
+    Returns ``(best_params, best_J, best_aux, history (max_iter,), iterations, result,
+    stopped_early)``.
     """
     st = minimise(
         loss_fn,
@@ -268,20 +271,14 @@ def _optimise(loss_fn, params0, cfg: _OptimiserConfig, max_iter: int):
         max_rejections=0,
         has_aux=True,
     )
-    status = jnp.where(
-        st.result == RESULTS.optimiser_nonfinite,
-        2,
-        jnp.where(
-            st.result == RESULTS.optimiser_diverged, 3, jnp.where(st.converged(cfg.patience), 0, 1)
-        ),
-    )
     return (
         st.best_params,
         st.best_value,
         st.best_aux,
         st.history,
         st.num_steps,
-        status.astype(jnp.int32),
+        st.result,
+        st.converged(cfg.patience),
     )
 
 
@@ -310,9 +307,10 @@ def plan_single(
         j, _, extra = _terms(obj, p, sched, u, xs, vbs, start, target)
         return j, (xs, calls + extra)
 
-    u, j, (xs, calls), hist, it, status = _optimise(loss, u0, optimiser_of(ctrl), ctrl.max_iter)
+    u, j, (xs, calls), hist, it, res, early = _optimise(loss, u0, optimiser_of(ctrl), ctrl.max_iter)
     per_eval = Cost(forwards=calls, vjps=calls)
-    return ShootingPlan(u, xs, hist, j, it, jnp.zeros((), x.dtype), status, per_eval.scale(it))
+    zero = jnp.zeros((), x.dtype)
+    return ShootingPlan(u, xs, hist, j, it, zero, res, early, per_eval.scale(it))
 
 
 def _plan_result(plan: ShootingPlan, max_control: float):
@@ -320,10 +318,10 @@ def _plan_result(plan: ShootingPlan, max_control: float):
     u = plan.controls
     peak = jnp.max(jnp.abs(u))
     res = RESULTS.where(
-        plan.status == 2,
+        plan.result == RESULTS.optimiser_nonfinite,
         RESULTS.plan_nonfinite,
         RESULTS.where(
-            plan.status == 3,
+            plan.result == RESULTS.optimiser_diverged,
             RESULTS.plan_diverged,
             RESULTS.where(
                 ~jnp.all(jnp.isfinite(u)),
@@ -342,7 +340,8 @@ def _plan_diagnostics(plan: ShootingPlan, peak) -> dict:
         "objective": plan.objective,
         "final_objective": plan.final_objective,
         "iterations": plan.iterations,
-        "status": plan.status,
+        "optimiser_result": plan.result,
+        "stopped_early": plan.stopped_early,
         "defect": plan.defect,
         "peak_control": peak,
         "controls": plan.controls,
@@ -554,8 +553,8 @@ class MultipleShooting(AbstractController):
         outer = 1 if nseg == 1 else self.outer_iters
 
         def outer_step(c, _):
-            params, mu, rho, its, status = c
-            params, _, (xs, d, calls), hist, it, st = _optimise(
+            params, mu, rho, its, res, early = c
+            params, _, (xs, d, calls), hist, it, r, e = _optimise(
                 lambda q: loss(q, mu, rho), params, cfg, inner
             )
             carry = (
@@ -563,14 +562,16 @@ class MultipleShooting(AbstractController):
                 mu + rho * d,
                 rho * self.penalty_growth,
                 its + it,
-                jnp.maximum(status, st),
+                RESULTS.where(res == RESULTS.successful, r, res),  # the first round's fault
+                early & e,
             )
             return carry, (hist, xs, d, calls)
 
         mu0 = jnp.zeros((max(nseg - 1, 0), *x.shape), x.dtype)
         d0 = None if s0 is None else jnp.zeros_like(s0)
-        init = ((u0, d0), mu0, jnp.asarray(self.penalty, x.dtype), jnp.int32(0), jnp.int32(0))
-        (params, _, _, its, status), (hists, xs_all, d_all, calls) = jax.lax.scan(
+        penalty = jnp.asarray(self.penalty, x.dtype)
+        init = ((u0, d0), mu0, penalty, jnp.int32(0), RESULTS.successful, jnp.bool_(True))
+        (params, _, _, its, res, early), (hists, xs_all, d_all, calls) = jax.lax.scan(
             outer_step, init, None, length=outer
         )
         u = params[0]
@@ -580,7 +581,7 @@ class MultipleShooting(AbstractController):
             forwards=calls0 if nseg > 1 else 0
         )
         hist = hists.reshape(-1)
-        return ShootingPlan(u, xs_all[-1], hist, jnp.nanmin(hist), its, defect, status, cost)
+        return ShootingPlan(u, xs_all[-1], hist, jnp.nanmin(hist), its, defect, res, early, cost)
 
     def window(self, remaining: int) -> int:
         return remaining if self.horizon is None else min(self.horizon, remaining)

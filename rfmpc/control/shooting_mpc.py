@@ -97,7 +97,8 @@ class ShootingMPC(AbstractController):
         mstate = MPCState(target, lin, self.mpc.solver.init(x, self.mpc.horizon), jnp.zeros_like(x))
         state = _State(u, xs, mask, mstate, jnp.int32(0), jnp.int32(0))
         diag = {
-            "plan_status": plan.status,
+            "plan_optimiser_result": plan.result,
+            "plan_stopped_early": plan.stopped_early,
             "plan_iterations": plan.iterations,
             "peak_control": peak,
         }

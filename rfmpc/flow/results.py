@@ -5,7 +5,8 @@ the inverse solvers.
 ``equinox.Enumeration``, decided inside the compiled graph (so a single call and a vmapped batch
 take the same fallbacks and report the same codes), and ``throw=True`` ends in
 ``result.error_if(token, result != RESULTS.successful)``, a run-time error carrying the item's
-message. Every outcome but ``successful`` is a *fallback*: the messages say what ran instead.
+message. Every outcome but ``successful`` is a *fallback* (the messages say what ran instead) but
+``restoration_nonfinite``, an inverse solve that has no safe result to return.
 
 Codes are stable: items are only ever appended. ``OUTCOMES[code]`` is an item's name.
 """
@@ -21,7 +22,7 @@ __all__ = ["OUTCOMES", "RESULTS", "outcome", "outcome_code", "outcome_from_code"
 
 class RESULTS(eqx.Enumeration):
     """Outcome of a switch, a controlled step, an optimisation or an inverse solve. Messages say
-    what ran instead."""
+    what ran instead (or, for ``restoration_nonfinite``, that nothing safe could)."""
 
     successful = ""
     # ---- prompt-switch controllers (rfmpc.control)
@@ -73,6 +74,14 @@ class RESULTS(eqx.Enumeration):
         "value's magnitude, more often in a row than max_rejections allows; the optimisation "
         "stopped and its last accepted iterate (and its best one) were kept (lower the learning "
         "rate)"
+    )
+    # ---- the inverse solvers (rfmpc.inverse)
+    restoration_nonfinite = (
+        "the restoration's final state or decoded image is non-finite: the prior's velocity "
+        "field, the decoder or the operator returned NaN/inf (the inner optimiser's own "
+        "non-finite steps are rejected and never reach the result), so there is no safe result; "
+        "check the model at the noise levels the solver visits, or pass throw=False and read "
+        "diagnostics['nonfinite'] for the images concerned"
     )
 
 

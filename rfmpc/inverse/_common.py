@@ -3,7 +3,15 @@
 Every solver (MPC-Flow and the baselines) is an immutable :class:`AbstractInverseSolver` whose
 ``__call__(field, operator, y, noise_std, key, ...)`` is a pure, jit-compiled function returning
 a :class:`RestoreResult` with the estimate, the exact number of velocity-model evaluations
-(``nfe``) and of backward passes through the model (``backprops``), and diagnostics.
+(``nfe``) and of backward passes through the model (``backprops``), diagnostics, and the solve's
+outcome as a :class:`~rfmpc.flow.results.RESULTS` item (``result``), decided inside the compiled
+graph: ``RESULTS.restoration_nonfinite`` when the final state or image is non-finite, else the
+first fallback the algorithm took (MPC-Flow: ``control_nonfinite``, a sampler step that ran
+unguided) or an inner loop's unsuccessful outcome, else ``successful``. ``throw=True`` (the
+default, as diffrax's) ends the compiled solve in ``result.error_if(...)``: an unsuccessful
+outcome raises an equinox run-time error naming the solver and the outcome, the same way for a
+single call, a call under the caller's ``jit`` and a ``vmap``-ped one; ``throw=False`` returns
+the result and its outcome (per solve; per element under ``vmap``).
 
 Counting convention: ``nfe`` counts forward calls of the velocity field the algorithm makes;
 ``backprops`` counts vector-Jacobian products through it. With ``checkpoint=True`` each backprop
@@ -27,6 +35,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from rfmpc.flow.fields import check_field
 from rfmpc.flow.optimise import make_optimiser, minimise
+from rfmpc.flow.results import RESULTS, outcome_code
 from rfmpc.flow.solve import integrate_grid
 from rfmpc.inverse.operators import AbstractOperator
 from rfmpc.sharding import BatchShardedField, replicate, shard_batch
@@ -87,7 +96,12 @@ class RestoreResult(eqx.Module):
         nfe: forward evaluations of the velocity field (all images together, one batched call
             counting once).
         backprops: backward passes through the velocity field.
-        diagnostics: per-image arrays, e.g. ``data_fit`` (``Phi`` at the end), ``control_energy``.
+        diagnostics: per-image arrays, e.g. ``data_fit`` (``Phi`` at the end), ``control_energy``,
+            ``nonfinite`` (the image's final state or decoded image holds NaN/inf).
+        result: the solve's outcome, a :class:`~rfmpc.flow.results.RESULTS` item (one per solve,
+            i.e. for all images of the batch together, as diffrax's ``Solution.result``; per
+            element under ``jax.vmap``): ``successful``, ``restoration_nonfinite`` (no safe
+            result), or a fallback the algorithm took (see the module docstring).
     """
 
     x: Array
@@ -95,6 +109,7 @@ class RestoreResult(eqx.Module):
     nfe: Int[Array, ""]
     backprops: Int[Array, ""]
     diagnostics: dict[str, Array]
+    result: RESULTS
 
 
 class InnerSolver(eqx.Module):
@@ -154,17 +169,18 @@ def minimize(
     finite run is, as before, the step after the last evaluation). :func:`minimize_counted` also
     returns how many iterations were rejected.
     """
-    p, n, v, _ = minimize_counted(loss, params, inner)
+    p, n, v, _, _ = minimize_counted(loss, params, inner)
     return p, n, v
 
 
 def minimize_counted(
     loss: Callable[[Any], Array], params: Any, inner: InnerSolver
-) -> tuple[Any, Int[Array, ""], Array, Int[Array, ""]]:
+) -> tuple[Any, Int[Array, ""], Array, Int[Array, ""], RESULTS]:
     """:func:`minimize`, also returning the number of rejected (non-finite or diverged)
-    iterations."""
+    iterations and the loop's outcome (:class:`~rfmpc.flow.results.RESULTS`; the inverse solvers
+    tolerate any number of rejections, so it is ``successful`` unless the loop's rules change)."""
     if inner.iters == 0:
-        return params, jnp.int32(0), loss(params), jnp.int32(0)
+        return params, jnp.int32(0), loss(params), jnp.int32(0), RESULTS.successful
     st = minimise(
         loss,
         params,
@@ -172,7 +188,7 @@ def minimize_counted(
         max_steps=inner.iters,
         divergence_ratio=inner.divergence_ratio,
     )
-    return st.final_params(), st.num_evals, st.value, st.num_rejected
+    return st.final_params(), st.num_evals, st.value, st.num_rejected, st.result
 
 
 class _NoCond(eqx.Module):
@@ -236,13 +252,42 @@ def _per_image_sum(a: Array) -> Array:
     return jnp.sum(a, axis=tuple(range(1, a.ndim)))
 
 
+def first_fault(*results: RESULTS) -> RESULTS:
+    """The first of these (possibly traced) outcomes that is not ``successful``, else
+    ``successful`` (how a solver combines its steps' and inner loops' outcomes)."""
+    out = RESULTS.successful
+    for r in reversed(results):
+        out = RESULTS.where(r != RESULTS.successful, r, out)
+    return out
+
+
+def _error_if(res: RestoreResult, solver) -> RestoreResult:
+    """``res.result.error_if(res.result, res.result != successful)``, the message prefixed with
+    the solver's name.
+
+    The check is threaded through the outcome, and every other output depends on the checked
+    outcome through ``where(code < 0, 0, a)`` (never true at run time; a dependency neither JAX
+    nor XLA removes): whichever output a caller's ``jit`` keeps (only ``x``, say), the check
+    runs. Threading the arrays through the check itself (``eqx.error_if(res, ...)``) would do
+    the same but makes XLA return them replicated on a mesh; the select keeps their shardings.
+    """
+    name = type(solver).__name__
+    msgs = [m and f"{name}: {m}" for m in RESULTS._index_to_message]
+    r = res.result
+    checked = eqx.branched_error_if(r, r != RESULTS.successful, outcome_code(r), msgs)
+    never = outcome_code(checked) < 0
+    rest = jax.tree.map(lambda a: jnp.where(never, jnp.zeros_like(a), a), res)
+    return eqx.tree_at(lambda t: t.result, rest, checked)
+
+
 @eqx.filter_jit
-def _run(solver, problem, key, shape):
+def _run(solver, problem, key, shape, throw: bool):
     if not isinstance(key, jax.Array):  # a static, trace-time check
         raise TypeError(
             f"key must be a jax PRNG key, got {type(key).__name__}; pass jax.random.key(seed)"
         )
-    return solver._solve(problem, key, shape)
+    res = solver._solve(problem, key, shape)
+    return _error_if(res, solver) if throw else res
 
 
 class AbstractInverseSolver(eqx.Module):
@@ -336,6 +381,7 @@ class AbstractInverseSolver(eqx.Module):
         decode: Callable[[Array], Array] | None = None,
         shape: tuple[int, ...] | None = None,
         mesh: Any = None,
+        throw: bool = True,
     ) -> RestoreResult:
         """Restore ``x`` from ``y = operator(decode(x)) + noise``.
 
@@ -354,10 +400,15 @@ class AbstractInverseSolver(eqx.Module):
                 are split over its ``"data"`` axis (their number must be a multiple of its size,
                 else ``ValueError``); ``cond`` is replicated; the field's parameters stay where
                 they are (shard them with ``rfmpc.sharding.shard_params``).
+            throw: end the compiled solve in ``result.error_if(...)`` (default, as diffrax): an
+                unsuccessful outcome (e.g. ``RESULTS.restoration_nonfinite``: the prior returned
+                NaN) raises an equinox run-time error naming the solver and the outcome, under
+                the caller's ``jit``/``vmap`` too. ``False``: return the result with its
+                ``result`` outcome and ``diagnostics["nonfinite"]`` per image instead.
         """
         problem, shape = self._problem(field, operator, y, noise_std, cond, decode, shape)
         problem, key = self._place(problem, key, mesh)
-        return _check_finite(_run(self, problem, key, shape), self)
+        return _run(self, problem, key, shape, bool(throw))
 
     def compile(
         self,
@@ -371,12 +422,14 @@ class AbstractInverseSolver(eqx.Module):
         decode: Callable[[Array], Array] | None = None,
         shape: tuple[int, ...] | None = None,
         mesh: Any = None,
+        throw: bool = True,
     ) -> CompiledSolve:
         """Compile ahead of time (same arguments as calling the solver) for timing/memory."""
         problem, shape = self._problem(field, operator, y, noise_std, cond, decode, shape)
         problem, key = self._place(problem, key, mesh)
+        throw = bool(throw)
         t0 = time.perf_counter()
-        compiled = _run.lower(self, problem, key, shape).compile()
+        compiled = _run.lower(self, problem, key, shape, throw).compile()
         compile_s = time.perf_counter() - t0
         memory = {}
         try:
@@ -385,7 +438,9 @@ class AbstractInverseSolver(eqx.Module):
                 memory[f"{name}_bytes"] = int(getattr(ma, f"{name}_size_in_bytes"))
         except Exception:  # memory analysis is optional on some backends
             memory = {}
-        return CompiledSolve(compiled, (self, problem, key, shape), compile_s, memory, mesh=mesh)
+        return CompiledSolve(
+            compiled, (self, problem, key, shape, throw), compile_s, memory, mesh=mesh
+        )
 
 
 class CompiledSolve:
@@ -402,51 +457,39 @@ class CompiledSolve:
         self.compile_s, self.memory, self.mesh = compile_s, memory, mesh
 
     def __call__(self) -> RestoreResult:
-        return _check_finite(self._compiled(*self._args), self._args[0])
+        return self._compiled(*self._args)
 
 
-@jax.jit
-def _finite(*arrays):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
+def _nonfinite(*arrays) -> Array:
+    """Per image (leading axis): whether any of ``arrays`` holds NaN/inf there."""
+    bad = [~jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1) for a in arrays]
+    return jnp.any(jnp.stack(bad), axis=0)
 
 
-def _check_finite(res: RestoreResult, solver) -> RestoreResult:
-    """Raise ``FloatingPointError`` instead of returning a non-finite restoration.
-
-    The inner optimisers reject non-finite iterations (see :func:`minimize`) and MPC-Flow falls
-    back to the unguided step where a plan is non-finite, so what remains non-finite here came
-    from the prior, the decoder or the operator themselves: there is no safe result to return.
-    Skipped under tracing (a solver called inside the caller's own ``jit``/``vmap``).
-    """
-    if isinstance(res.x, jax.core.Tracer) or isinstance(res.image, jax.core.Tracer):
-        return res
-    if bool(np.asarray(_finite(res.x, res.image).addressable_data(0))):
-        return res  # one replicated scalar: also works for arrays spread over processes
-    if not res.x.is_fully_addressable:
-        raise FloatingPointError(
-            f"{type(solver).__name__} produced a non-finite restoration: the prior's velocity "
-            "field, the decoder or the operator returned NaN/inf, so there is no safe result"
-        )
-    bad_x = ~jnp.all(jnp.isfinite(res.x).reshape(res.x.shape[0], -1), axis=1)
-    bad_i = ~jnp.all(jnp.isfinite(res.image).reshape(res.image.shape[0], -1), axis=1)
-    bad = [int(i) for i in jnp.nonzero(bad_x | bad_i)[0]]
-    if bad:
-        raise FloatingPointError(
-            f"{type(solver).__name__} produced a non-finite restoration for image(s) {bad} of "
-            f"{res.x.shape[0]}: the prior's velocity field, the decoder or the operator returned "
-            "NaN/inf, so there is no safe result (the inner optimiser's own non-finite steps "
-            "are rejected and never reach the result)"
-        )
-    return res
-
-
-def result(problem: InverseProblem, x, nfe, backprops, **diagnostics) -> RestoreResult:
-    """Assemble a :class:`RestoreResult` with the final data fit as a diagnostic."""
-    diagnostics = {"data_fit": problem.phi(x), **diagnostics}
+def result(
+    problem: InverseProblem,
+    x,
+    nfe,
+    backprops,
+    *,
+    outcome: RESULTS = RESULTS.successful,
+    **diagnostics,
+) -> RestoreResult:
+    """Assemble a :class:`RestoreResult` with the final data fit and the per-image ``nonfinite``
+    flags as diagnostics. Its ``result`` is ``RESULTS.restoration_nonfinite`` where the final
+    state or image is non-finite, else ``outcome`` (the algorithm's own: a fallback it took, an
+    inner loop's outcome)."""
+    image = problem.image(x)
+    bad = _nonfinite(x, image)
+    diagnostics = {"data_fit": problem.phi(x), "nonfinite": bad, **diagnostics}
     return RestoreResult(
         x=x,
-        image=problem.image(x),
+        image=image,
         nfe=jnp.asarray(nfe, jnp.int32),
         backprops=jnp.asarray(backprops, jnp.int32),
         diagnostics=diagnostics,
+        result=first_fault(
+            RESULTS.where(jnp.any(bad), RESULTS.restoration_nonfinite, RESULTS.successful),
+            outcome,
+        ),
     )

@@ -33,7 +33,7 @@ from rfmpc.inverse._common import (
     _bcast,
     _per_image_sum,
     euler_rollout,
-    minimize,
+    minimize_counted,
     result,
 )
 
@@ -158,9 +158,9 @@ class DFlow(AbstractInverseSolver):
             chi = 0.5 * r2 - (0.5 * d - 1.0) * jnp.log(r2)
             return self.lam * jnp.sum(problem.phi(solve(z))) + self.reg * jnp.sum(chi)
 
-        z, evals, _ = minimize(loss, z0, self.inner)
+        z, evals, _, _, res = minimize_counted(loss, z0, self.inner)
         x = solve(z)
-        return result(problem, x, nfe + evals * n + n, evals * n)
+        return result(problem, x, nfe + evals * n + n, evals * n, outcome=res)
 
 
 def midpoint_rollout(
@@ -223,11 +223,11 @@ class FlowGrad(AbstractInverseSolver):
             energy = jnp.sum(u**2 * _bcast(ds, u))
             return self.control_weight * energy + self.lam * jnp.sum(problem.phi(xn))
 
-        w, evals, _ = minimize(loss, jnp.zeros((n, *shape), x1.dtype), self.inner)
+        w, evals, _, _, res = minimize_counted(loss, jnp.zeros((n, *shape), x1.dtype), self.inner)
         u = controls(w)
         x = euler_rollout(problem.velocity, x1, sig, u, checkpoint=False)
         energy = _per_image_sum(jnp.moveaxis(u**2 * _bcast(ds, u), 0, -1))
-        return result(problem, x, evals * n + n, evals * n, control_energy=energy)
+        return result(problem, x, evals * n + n, evals * n, outcome=res, control_energy=energy)
 
 
 class OCFlow(AbstractInverseSolver):

@@ -44,9 +44,11 @@ Numerical safety: inner iterations whose value or gradient is non-finite are rej
 last finite iterate is kept; :func:`rfmpc.inverse.minimize`), and a sub-problem whose applied
 control is still non-finite falls back to the unguided step ``u = 0`` (the prior's own Euler
 step). Both are recorded: ``diagnostics["rejected_steps"]`` (inner iterations rejected, over the
-whole solve) and ``diagnostics["fallback_steps"]`` (sampler steps that ran unguided). A
-restoration that is non-finite anyway (the prior itself returns NaN) raises
-``FloatingPointError`` from the solver call instead of returning a NaN image.
+whole solve) and ``diagnostics["fallback_steps"]`` (sampler steps that ran unguided); a fallback
+makes the outcome ``RESULTS.control_nonfinite`` (``RestoreResult.result``; the first fallback or
+unsuccessful inner loop, in step order). A restoration that is non-finite anyway (the prior
+itself returns NaN) has the outcome ``RESULTS.restoration_nonfinite``: with ``throw=True`` (the
+default) the compiled solve raises instead of returning a NaN image.
 
 MMSE output (``mmse_samples = m > 1``): one MPC-Flow run returns one sample ``x^(j)`` whose law
 approximates the posterior ``p(x | y)``. Against the truth, a posterior sample's expected squared
@@ -75,6 +77,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
+from rfmpc.flow.results import RESULTS, outcome_code, outcome_from_code
 from rfmpc.flow.schedule import flowmatch_sigmas
 from rfmpc.inverse._common import (
     AbstractInverseSolver,
@@ -82,8 +85,10 @@ from rfmpc.inverse._common import (
     InverseProblem,
     RestoreResult,
     _bcast,
+    _nonfinite,
     _per_image_sum,
     euler_rollout,
+    first_fault,
     minimize_counted,
     result,
 )
@@ -193,10 +198,10 @@ class MPCFlow(AbstractInverseSolver):
                 xf = euler_rollout(problem.velocity, x, tau, u, v0=v0, checkpoint=self.checkpoint)
                 return jnp.sum(u**2 * dtau) + lam * jnp.sum(problem.phi(xf))
 
-            w, evals, _, rejected = minimize_counted(loss, u_warm * dtau, self.inner)
+            w, evals, _, rejected, res = minimize_counted(loss, u_warm * dtau, self.inner)
             u, fell = _safe_controls(w / dtau)
             x_next = x + (s_next - s_now) * (v0 + u[0])
-            return x_next, u, tau, evals, (rejected, fell)
+            return x_next, u, tau, evals, _fault(rejected, fell, res)
 
         def outer(carry, s):
             x, u_warm, nfe, bp, energy, faults = carry
@@ -209,7 +214,7 @@ class MPCFlow(AbstractInverseSolver):
 
         u0 = jnp.zeros((k, *x.shape), x.dtype)
         e0 = jnp.zeros(x.shape[:1], x.dtype)
-        init = (x, u0, jnp.int32(0), jnp.int32(0), e0, (jnp.int32(0), jnp.int32(0)))
+        init = (x, u0, jnp.int32(0), jnp.int32(0), e0, _no_fault())
         # all but the last step; the last one has a single step left: K = 1 (exact horizon)
         steps = (sig[:-2], sig[1:-1], sig[2:])
         (x, u_warm, nfe, bp, energy, faults), _ = jax.lax.scan(outer, init, steps)
@@ -234,9 +239,9 @@ class MPCFlow(AbstractInverseSolver):
                     z = z - s_next * problem.velocity(z, s_next)  # Tweedie estimate of x_0
                 return jnp.sum(u**2) * h + lam * jnp.sum(problem.phi(z))
 
-            w, evals, _, rejected = minimize_counted(loss, w, self.inner)
+            w, evals, _, rejected, res = minimize_counted(loss, w, self.inner)
             u, fell = _safe_controls(w / h)
-            return x - h * (v0 + u), u, evals, (rejected, fell)
+            return x - h * (v0 + u), u, evals, _fault(rejected, fell, res)
 
         def outer(carry, s):
             x, u_prev, nfe, bp, energy, faults = carry
@@ -248,8 +253,7 @@ class MPCFlow(AbstractInverseSolver):
             return carry, None
 
         e0 = jnp.zeros(x.shape[:1], x.dtype)
-        zero = (jnp.int32(0), jnp.int32(0))
-        init = (x, jnp.zeros_like(x), jnp.int32(0), jnp.int32(0), e0, zero)
+        init = (x, jnp.zeros_like(x), jnp.int32(0), jnp.int32(0), e0, _no_fault())
         (x, u_prev, nfe, bp, energy, faults), _ = jax.lax.scan(outer, init, (sig[:-2], sig[1:-1]))
         h_last = sig[-2] - sig[-1]
         x, u, _, fault = one_step(x, u_prev * h_last, sig[-2], sig[-1], False)
@@ -258,13 +262,14 @@ class MPCFlow(AbstractInverseSolver):
 
 
 def _finish(problem, x, nfe, bp, energy, faults):
-    """The :class:`RestoreResult` of a receding-horizon run, with its fault counts."""
-    rejected, fell = faults
+    """The :class:`RestoreResult` of a run, with its fault counts and outcome."""
+    rejected, fell, res = faults
     return result(
         problem,
         x,
         nfe,
         bp,
+        outcome=res,
         control_energy=energy,
         rejected_steps=rejected,
         fallback_steps=fell,
@@ -273,22 +278,35 @@ def _finish(problem, x, nfe, bp, energy, faults):
 
 def _average(problem, runs: RestoreResult, m: int) -> RestoreResult:
     """The MMSE estimate from ``m`` vmapped runs (leading axis ``m``): mean image and state,
-    ``m`` times the counts, summed fault counts, mean control energy, the samples' variance."""
+    ``m`` times the counts, summed fault counts, mean control energy, the samples' variance.
+    Its outcome is ``restoration_nonfinite`` where the average is non-finite, else the first
+    run's (in key order) that is not ``successful``."""
     image = jnp.mean(runs.image, axis=0)
+    x = jnp.mean(runs.x, axis=0)
     var = jnp.mean((runs.image - image[None]) ** 2, axis=0)
     d = runs.diagnostics
+    bad = _nonfinite(x, image)
+    codes = outcome_code(runs.result)  # (m,)
+    runs_result = outcome_from_code(
+        jnp.where(jnp.any(codes != 0), codes[jnp.argmax(codes != 0)], 0)
+    )
     return RestoreResult(
-        x=jnp.mean(runs.x, axis=0),
+        x=x,
         image=image,
         nfe=m * runs.nfe[0],
         backprops=m * runs.backprops[0],
         diagnostics={
-            "data_fit": problem.phi(jnp.mean(runs.x, axis=0)),
+            "data_fit": problem.phi(x),
+            "nonfinite": bad,
             "control_energy": jnp.mean(d["control_energy"], axis=0),
             "rejected_steps": jnp.sum(d["rejected_steps"]),
             "fallback_steps": jnp.sum(d["fallback_steps"]),
             "sample_variance": jnp.mean(var.reshape(var.shape[0], -1), axis=1),
         },
+        result=first_fault(
+            RESULTS.where(jnp.any(bad), RESULTS.restoration_nonfinite, RESULTS.successful),
+            runs_result,
+        ),
     )
 
 
@@ -298,8 +316,20 @@ def _safe_controls(u):
     return jnp.where(ok, u, 0.0), (~ok).astype(jnp.int32)
 
 
+def _no_fault():
+    """``(rejected inner iterations, unguided steps, first unsuccessful outcome)`` of no step."""
+    return jnp.int32(0), jnp.int32(0), RESULTS.successful
+
+
+def _fault(rejected, fell, inner_result):
+    """One sub-problem's faults: its rejections, whether it fell back to the unguided step
+    (``RESULTS.control_nonfinite``) and its outcome (the inner loop's first)."""
+    fallback = RESULTS.where(fell > 0, RESULTS.control_nonfinite, RESULTS.successful)
+    return rejected, fell, first_fault(inner_result, fallback)
+
+
 def _add_faults(a, b):
-    return a[0] + b[0], a[1] + b[1]
+    return a[0] + b[0], a[1] + b[1], first_fault(a[2], b[2])
 
 
 def mpc_rhc(horizon_steps: int = 2, **kw) -> MPCFlow:
