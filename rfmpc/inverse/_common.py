@@ -272,9 +272,15 @@ def _error_if(res: RestoreResult, solver) -> RestoreResult:
     the same but makes XLA return them replicated on a mesh; the select keeps their shardings.
     """
     name = type(solver).__name__
-    msgs = [m and f"{name}: {m}" for m in RESULTS._index_to_message]
     r = res.result
-    checked = eqx.branched_error_if(r, r != RESULTS.successful, outcome_code(r), msgs)
+    # equinox keeps an Enumeration's messages in a private table; without it (a future equinox),
+    # the plain error_if still raises the outcome's own message, only without the solver's name
+    table = getattr(RESULTS, "_index_to_message", None)
+    if table is None:
+        checked = r.error_if(r, r != RESULTS.successful)
+    else:
+        msgs = [m and f"{name}: {m}" for m in table]
+        checked = eqx.branched_error_if(r, r != RESULTS.successful, outcome_code(r), msgs)
     never = outcome_code(checked) < 0
     rest = jax.tree.map(lambda a: jnp.where(never, jnp.zeros_like(a), a), res)
     return eqx.tree_at(lambda t: t.result, rest, checked)
