@@ -359,7 +359,7 @@ def _forward_worker(engine: str, case: Case, folder: str):
 
 
 def _generation_worker(engine: str, folder: str, steps: int):
-    import pipeline_speed as ps
+    from benchmarks import pipeline_speed as ps
 
     gen, load_s, device = ps.make_generator(engine, folder, GEN_SIZE, steps, "float32", GEN_MSL)
     info = {"load_s": load_s, "device": device}

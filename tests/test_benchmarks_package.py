@@ -22,6 +22,26 @@ def test_no_sys_path_juggling():
     assert offenders == []
 
 
+def test_siblings_imported_through_the_package():
+    """``import pipeline_speed`` (a bare sibling name) only works with benchmarks/ on sys.path,
+    which ``python -m benchmarks.X`` does not give: every import of a sibling, module level or
+    inside a function (worker code paths the import test does not reach), names the package."""
+    import ast
+
+    siblings = set(NAMES) - {"_as_module"}  # the bootstrap is imported by its bare name on purpose
+    offenders = []
+    for p in BENCH.glob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            offenders += [f"{p.name}:{node.lineno} {n}" for n in names if n in siblings]
+    assert offenders == []
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_imports_without_work(name, monkeypatch):
     def refuse(*a, **k):
