@@ -168,6 +168,29 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
+def save_result(stem: str | os.PathLike, files: dict[str, str | bytes]) -> Path:
+    """Write a result's files (``{".md": text, ".json": text, ...}``) next to each other under
+    ``stem`` and return the stem used.
+
+    A second run that would land on the same name (same benchmark, device and day) goes to
+    ``stem-2``, ``stem-3``, ...: a result already written is never replaced. Each file is
+    written atomically (:func:`rfmpc.io.atomic_write_bytes`: temp file, fsync, rename), so an
+    interrupted run leaves no half-written result. Write further files (a PNG) under the
+    returned stem.
+    """
+    from rfmpc.io import atomic_write_bytes
+
+    base = Path(stem)
+    chosen, n = base, 1
+    while any(chosen.with_name(chosen.name + ext).exists() for ext in files):
+        n += 1
+        chosen = base.with_name(f"{base.name}-{n}")
+    for ext, content in files.items():
+        data = content.encode() if isinstance(content, str) else content
+        atomic_write_bytes(chosen.with_name(chosen.name + ext), data)
+    return chosen
+
+
 # ============================================================================ markdown
 def md_escape(s: str) -> str:
     """A string safe inside a markdown table cell."""

@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-from benchmarks._common import RESULTS, cpu_name, loadavg_1min, slug
+from benchmarks._common import RESULTS, cpu_name, loadavg_1min, save_result, slug
 from rfmpc.cache.index import SimilarityIndex
 
 
@@ -215,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(exist_ok=True)
         host = slug(cpu_name()) or "cpu"
         stem = out / f"{_dt.date.today().isoformat()}-{host}-cache_lookup"
-        stem.with_suffix(".json").write_text(json.dumps(rec, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(table + "\n")
+        stem = save_result(stem, {".json": json.dumps(rec, indent=1) + "\n", ".md": table + "\n"})
         print(f"saved {stem}.json / .md", file=sys.stderr)
     return 0
 

@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import loadavg_1min
+from benchmarks._common import loadavg_1min, save_result
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve()
@@ -653,9 +653,9 @@ def fit(args, pipe, grid, header: str, stamp: str) -> int:
     md = "\n".join(lines) + "\n"
     print(md)
     if args.save:
-        (RESULTS_DIR / f"{stamp}-cpu-cache_stream_fit.md").write_text(md)
-        (RESULTS_DIR / f"{stamp}-cpu-cache_stream_fit.json").write_text(
-            json.dumps({"rows": rows, "best": best["policy"]})
+        save_result(
+            RESULTS_DIR / f"{stamp}-cpu-cache_stream_fit",
+            {".md": md, ".json": json.dumps({"rows": rows, "best": best["policy"]})},
         )
     return 0
 
@@ -724,7 +724,7 @@ def main(argv=None) -> int:
         md = f"## cache_stream faults\n\n{header}\n```\n{json.dumps(res, indent=1)}\n```\n"
         print(md)
         if args.save:
-            (RESULTS_DIR / f"{stamp}-cpu-cache_stream_faults.md").write_text(md)
+            save_result(RESULTS_DIR / f"{stamp}-cpu-cache_stream_faults", {".md": md})
         return 0
     pipe = load_pipeline(args.model)
     t_start = time.perf_counter()
@@ -846,8 +846,7 @@ def main(argv=None) -> int:
         print(json.dumps(payload))
     if args.save:
         stem = RESULTS_DIR / f"{stamp}-cpu-cache_stream-{'-'.join(names)}"
-        stem.with_suffix(".md").write_text(text)
-        stem.with_suffix(".json").write_text(json.dumps(payload))
+        stem = save_result(stem, {".md": text, ".json": json.dumps(payload)})
         plot(streams, curve, stem.with_suffix(".png"))
     return 0
 

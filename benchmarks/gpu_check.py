@@ -51,6 +51,7 @@ from benchmarks._common import (
     md_table,
     module_cmd,
     peak_memory,
+    save_result,
     slug,
     summary,
     torch_fixtures,
@@ -657,8 +658,7 @@ def main(argv=None) -> int:
     stem = f"{_dt.date.today().isoformat()}-{slug(device)}" + (
         "-rehearsal" if args.rehearse else ""
     )
-    (out / f"{stem}.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
-    (out / f"{stem}.md").write_text(md)
+    save_result(out / stem, {".json": json.dumps(rec, indent=2, default=str) + "\n", ".md": md})
     print(md)
     print(f"[gpu_check] wrote {out / stem}.md and .json", flush=True)
     return 0

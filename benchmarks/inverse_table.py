@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._common import save_result
 from benchmarks._priors import BENCH_PRIORS, bench_prior
 from rfmpc.inverse import (
     PNP_FLOW_TASKS,
@@ -662,8 +663,7 @@ def protocol_main(args, ap) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         part = "" if list(args.tasks) == list(PNP_FLOW_TASKS) else "-" + "-".join(args.tasks)
         stem = RESULTS / f"{date}-{d.platform}-inverse_table_{args.field}{part}"
-        stem.with_suffix(".md").write_text(md)
-        stem.with_suffix(".json").write_text(json.dumps(jrec, indent=1))
+        stem = save_result(stem, {".md": md, ".json": json.dumps(jrec, indent=1)})
         protocol_png(stem.with_suffix(".png"), tasks)
         log(f"wrote {stem}.md/.json/.png")
     return 0
@@ -703,8 +703,7 @@ def legacy_main(args) -> int:
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         base = RESULTS / f"inverse_table_{args.field}_{stamp}"
-        base.with_suffix(".md").write_text(md)
-        base.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        base = save_result(base, {".md": md, ".json": json.dumps(rows, indent=1)})
         legacy_grid_png(base.with_suffix(".png"), all_images, args.legacy_tasks, args.methods)
         log(f"wrote {base}.md/.json/.png")
     return 0

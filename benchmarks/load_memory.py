@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks._common import RESULTS, child_env, current_rss, module_cmd
+from benchmarks._common import RESULTS, child_env, current_rss, module_cmd, save_result
 
 
 def write_random_checkpoint(folder: Path, config_name: str) -> int:
@@ -135,8 +135,7 @@ def main(argv=None) -> int:
     )
     if args.save:
         stem = RESULTS / f"{result['date']}-cpu-load_memory-{args.config}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        stem.with_suffix(".md").write_text(md)
+        save_result(stem, {".json": json.dumps(result, indent=2), ".md": md})
     print(json.dumps(result) if args.json else md)
     return 0
 

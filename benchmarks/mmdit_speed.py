@@ -54,6 +54,7 @@ from benchmarks._common import (
     ensure_torchvision_importable,
     loadavg_1min,
     module_cmd,
+    save_result,
     slug,
     summary,
     torch_fixtures,
@@ -779,9 +780,10 @@ def main(argv=None) -> int:
         stem = f"{_dt.date.today().isoformat()}-{dev}-mmdit_speed-{args.case}"
         if record["loaded"]:
             stem += "-LOADED"
-        (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-        (RESULTS / f"{stem}.md").write_text(md)
-        print(f"saved {RESULTS / stem}.json / .md", file=sys.stderr)
+        path = save_result(
+            RESULTS / stem, {".json": json.dumps(record, indent=2) + "\n", ".md": md}
+        )
+        print(f"saved {path}.json / .md", file=sys.stderr)
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks._common import loadavg_1min
+from benchmarks._common import loadavg_1min, save_result
 from rfmpc.inverse.hexagon import (
     delta_t_horizon,
     global_control,
@@ -180,8 +180,7 @@ def main(argv=None) -> int:
             f"| Delta-t horizon | {r['terminal']:.4g} | {r['control']:.4g} | "
             f"{np.round(r['x_T'], 4).tolist()} | {times['dt']:.1f} |"
         )
-        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-        stem.with_suffix(".json").write_text(json.dumps(out))
+        stem = save_result(stem, {".md": "\n".join(lines) + "\n", ".json": json.dumps(out)})
         plot(runs, ks, target, stem.with_suffix(".png"))
         print(f"wrote {stem}.{{md,json,png}}", file=sys.stderr)
     return 0

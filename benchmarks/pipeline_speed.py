@@ -36,6 +36,7 @@ from benchmarks._common import (
     ensure_torchvision_importable,
     module_cmd,
     peak_memory,
+    save_result,
     slug,
     time_calls,
     torch_fixtures,
@@ -302,8 +303,7 @@ def main(argv=None) -> int:
     )
     if args.save:
         stem = RESULTS / f"{result['date']}-{slug(r['device'])}-pipeline_speed-{args.config}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        stem.with_suffix(".md").write_text(md)
+        save_result(stem, {".json": json.dumps(result, indent=2), ".md": md})
     print(json.dumps(result) if args.json else md)
     return 0
 

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._common import save_result
 from rfmpc.metrics import cosine, rel_l2_err, rel_max_err
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -249,8 +250,7 @@ def main(argv=None) -> int:
         RESULTS.mkdir(exist_ok=True)
         dev = "cpu" if jax.devices()[0].platform == "cpu" else jax.devices()[0].device_kind
         stem = f"{_dt.date.today().isoformat()}-{dev.lower().replace(' ', '-')}-precision"
-        (RESULTS / f"{stem}.json").write_text(json.dumps(rec, indent=1))
-        (RESULTS / f"{stem}.md").write_text(_table(rec))
+        save_result(RESULTS / stem, {".json": json.dumps(rec, indent=1), ".md": _table(rec)})
     return 0
 
 

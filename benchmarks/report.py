@@ -45,7 +45,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import RESULTS, child_env, loadavg_1min, module_cmd, peak_memory
+from benchmarks._common import (
+    RESULTS,
+    child_env,
+    loadavg_1min,
+    module_cmd,
+    peak_memory,
+    save_result,
+)
 from benchmarks.report_markdown import ALL_SECTIONS, OPTIONAL, _device_name, markdown
 from rfmpc.cli.switch import CONTROLLERS
 
@@ -548,10 +555,14 @@ def write(record: dict, out_dir: Path) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.json``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = output_stem(record, out_dir)
-    md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
-    md.write_text(markdown(record))
-    js.write_text(json.dumps(record, indent=1, default=_json_default) + "\n")
-    return md, js
+    stem = save_result(
+        stem,
+        {
+            ".md": markdown(record),
+            ".json": json.dumps(record, indent=1, default=_json_default) + "\n",
+        },
+    )
+    return stem.with_suffix(".md"), stem.with_suffix(".json")
 
 
 def _auto_config(quick: bool) -> str:

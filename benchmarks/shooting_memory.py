@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks._common import save_result
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -228,8 +230,10 @@ def main(argv=None) -> int:
     if args.save:
         RESULTS.mkdir(exist_ok=True)
         stem = f"{_dt.date.today().isoformat()}-{rec['device'].lower().replace(' ', '-')}"
-        (RESULTS / f"{stem}-shooting_memory.json").write_text(json.dumps(rec, indent=1))
-        (RESULTS / f"{stem}-shooting_memory.md").write_text(_table(rec))
+        save_result(
+            RESULTS / f"{stem}-shooting_memory",
+            {".json": json.dumps(rec, indent=1), ".md": _table(rec)},
+        )
     return 0
 
 

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import loadavg_1min
+from benchmarks._common import loadavg_1min, save_result
 from rfmpc.control import (
     MPC,
     OSQP,
@@ -825,8 +825,10 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(rows))
         if args.save:
-            (RESULTS_DIR / f"{stamp}-cpu-switch_quality_gmm.md").write_text(md)
-            (RESULTS_DIR / f"{stamp}-cpu-switch_quality_gmm.json").write_text(json.dumps(rows))
+            save_result(
+                RESULTS_DIR / f"{stamp}-cpu-switch_quality_gmm",
+                {".md": md, ".json": json.dumps(rows)},
+            )
         return 0
     from rfmpc.pipeline import load_pipeline
 
@@ -862,9 +864,9 @@ def main(argv=None) -> int:
         )
         print(md)
         if args.save:
-            (RESULTS_DIR / f"{stamp}-cpu-switch_tuning.md").write_text(md)
-            (RESULTS_DIR / f"{stamp}-cpu-switch_tuning.json").write_text(
-                json.dumps(res, default=_jsonable)
+            save_result(
+                RESULTS_DIR / f"{stamp}-cpu-switch_tuning",
+                {".md": md, ".json": json.dumps(res, default=_jsonable)},
             )
         return 0
     rows = controllers()
@@ -893,8 +895,7 @@ def main(argv=None) -> int:
         print(md)
         if args.save:
             stem = RESULTS_DIR / f"{stamp}-cpu-switch_timing"
-            stem.with_suffix(".md").write_text(md)
-            stem.with_suffix(".json").write_text(json.dumps(trecs, default=_jsonable))
+            save_result(stem, {".md": md, ".json": json.dumps(trecs, default=_jsonable)})
         return 0
     recs = []
     for k in ks:
@@ -926,8 +927,7 @@ def main(argv=None) -> int:
         print(json.dumps(payload, default=_jsonable))
     if args.save:
         stem = RESULTS_DIR / f"{stamp}-cpu-switch_quality{'_quick' if args.quick else ''}"
-        stem.with_suffix(".md").write_text(md)
-        stem.with_suffix(".json").write_text(json.dumps(payload, default=_jsonable))
+        stem = save_result(stem, {".md": md, ".json": json.dumps(payload, default=_jsonable)})
         plot(summary, curve, stem.with_suffix(".png"))
         print(f"wrote {stem}.{{md,json,png}}", file=sys.stderr)
     return 0

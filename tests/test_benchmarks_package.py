@@ -95,3 +95,19 @@ def test_both_command_forms_start(form):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"n": 200' in out.stdout
+
+
+def test_save_result_never_replaces_a_result(tmp_path):
+    from benchmarks._common import save_result
+
+    first = save_result(tmp_path / "2026-01-01-cpu-x", {".md": "one\n", ".json": "{}"})
+    second = save_result(tmp_path / "2026-01-01-cpu-x", {".md": "two\n", ".json": "[]"})
+    assert first.name == "2026-01-01-cpu-x" and second.name == "2026-01-01-cpu-x-2"
+    assert (tmp_path / "2026-01-01-cpu-x.md").read_text() == "one\n"
+    assert (tmp_path / "2026-01-01-cpu-x-2.md").read_text() == "two\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "2026-01-01-cpu-x-2.json",
+        "2026-01-01-cpu-x-2.md",
+        "2026-01-01-cpu-x.json",
+        "2026-01-01-cpu-x.md",
+    ]  # no temporary files left behind
