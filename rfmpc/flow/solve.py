@@ -171,7 +171,9 @@ def _term(field, sigmas, cond, control) -> diffrax.ODETerm:
 
 
 @eqx.filter_jit
-def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint, progress_meter):
+def _solve(
+    field, x, sigmas, cond, control, start, stop, save_path, adjoint, progress_meter, solver=None
+):
     # checked while tracing, i.e. once per compiled program, not on every call (an eager
     # eval_shape here cost a re-trace of the whole model per integrate call)
     _check_field(field, x, sigmas, cond, start)
@@ -179,7 +181,7 @@ def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint, pro
     saveat = diffrax.SaveAt(t0=True, steps=True) if save_path else diffrax.SaveAt(t1=True)
     sol = diffrax.diffeqsolve(
         _term(field, sigmas, cond, control),
-        diffrax.Euler(),
+        diffrax.Euler() if solver is None else solver,
         t0=ts[0],
         t1=ts[-1],
         dt0=None,
@@ -193,17 +195,20 @@ def _solve(field, x, sigmas, cond, control, start, stop, save_path, adjoint, pro
     return sol.ys
 
 
-def _scan_solve(field, x, sigmas, cond, control):
-    """The same term and ``diffrax.Euler`` step as :func:`_solve`, driven by a ``lax.scan`` over
-    the grid: reverse-mode differentiation keeps every step's residuals and re-runs nothing
-    (diffrax's own loops re-run steps in the backward pass)."""
+def _scan_solve(field, x, sigmas, cond, control, solver):
+    """The same term and solver step as :func:`_solve`, driven by a ``lax.scan`` over the grid:
+    reverse-mode differentiation keeps every step's residuals and re-runs nothing (diffrax's own
+    loops re-run steps in the backward pass)."""
     _check_field(field, x, sigmas, cond, 0)
-    term, solver = _term(field, sigmas, cond, control), diffrax.Euler()
+    term = _term(field, sigmas, cond, control)
 
-    def step(y, t):
-        return solver.step(term, t[0], t[1], y, None, None, False)[0], None
+    def step(carry, t):
+        y, state = carry
+        y, _, _, state, _ = solver.step(term, t[0], t[1], y, None, state, False)
+        return (y, state), None
 
-    y, _ = jax.lax.scan(step, x, (sigmas[:-1], sigmas[1:]))
+    state = solver.init(term, sigmas[0], sigmas[1], x, None)
+    (y, _), _ = jax.lax.scan(step, (x, state), (sigmas[:-1], sigmas[1:]))
     return y
 
 
@@ -296,38 +301,49 @@ def integrate_grid(
     *,
     control: Array | None = None,
     checkpoint: bool = True,
+    solver: diffrax.AbstractSolver = diffrax.Euler(),
 ) -> Array:
     """The solve of :func:`integrate` on a bare grid: ``x`` at ``sigmas[0]`` to ``sigmas[-1]``.
 
     For solvers that own no :class:`TrajectoryState`: the grid may be traced (built inside the
     caller's ``jit``, e.g. a receding-horizon sub-problem's) and may run either way (an
     increasing grid integrates towards noise, the inversion of the ODE); it is not validated.
-    The same controlled term and ``diffrax.Euler`` step as :func:`integrate`, so it is the
-    scheduler's ``x <- x + (s_next - s) (v + u)`` with one field call a step.
+    The same controlled term as :func:`integrate`. With the default ``diffrax.Euler()`` it is
+    the scheduler's ``x <- x + (s_next - s) (v + u)``, one field call a step; another fixed-step
+    diffrax solver takes its own number of calls a step (``diffrax.Midpoint()``: two,
+    ``x <- x + h v(x + (h/2) v(x, s), s + h/2)``).
 
     Args:
         field: ``v(x, sigma, cond)``.
         x: the state at ``sigmas[0]``.
         sigmas: the ``K + 1`` grid nodes (``K >= 1``).
         cond: the field's conditioning pytree.
-        control: ``(K, *x.shape)`` per-step controls or None.
+        control: ``(K, *x.shape)`` per-step controls or None (constant over each step, so also
+            at a solver's inner stages).
         checkpoint: ``True``: ``diffeqsolve`` with ``RecursiveCheckpointAdjoint`` and a
             checkpoint a step (a gradient keeps ``K`` states and re-runs each step once);
-            ``False``: the Euler steps under a ``lax.scan`` (a gradient keeps every step's
+            ``False``: the steps under a ``lax.scan`` (a gradient keeps every step's
             residuals and re-runs none).
+        solver: a fixed-step diffrax solver (the steps are the grid's, no error control).
 
     Returns:
         The state at ``sigmas[-1]``.
     """
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise TypeError(
+            f"solver must be a diffrax.AbstractSolver, got {type(solver).__name__}; pass e.g. "
+            "diffrax.Euler() or diffrax.Midpoint()"
+        )
     k = int(np.shape(sigmas)[0]) - 1
     if k < 1:
         raise ValueError(f"sigmas must have at least 2 nodes, got shape {np.shape(sigmas)}")
     ctrl = _make_control(control, 0, k, x)
     sigmas = jnp.asarray(sigmas)
     if not checkpoint:
-        return _scan_solve(field, x, sigmas, cond, ctrl)
+        return _scan_solve(field, x, sigmas, cond, ctrl, solver)
     adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=k)
-    return _solve(field, x, sigmas, cond, ctrl, 0, k, False, adjoint, diffrax.NoProgressMeter())[-1]
+    meter = diffrax.NoProgressMeter()
+    return _solve(field, x, sigmas, cond, ctrl, 0, k, False, adjoint, meter, solver)[-1]
 
 
 def euler_reference(

@@ -19,18 +19,21 @@ FlowChef, which take plain gradient steps on ``F(x) = ||A(x) - y||^2 / 2`` as th
 
 from __future__ import annotations
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from rfmpc.flow.schedule import flowmatch_sigmas
+from rfmpc.flow.solve import integrate_grid
 from rfmpc.inverse._common import (
     AbstractInverseSolver,
     InnerSolver,
     InverseProblem,
     RestoreResult,
     _bcast,
+    _NoCond,
     _per_image_sum,
     euler_rollout,
     minimize_counted,
@@ -171,19 +174,12 @@ def midpoint_rollout(
     checkpoint: bool = True,
 ) -> Float[Array, "b ..."]:
     """Midpoint-rule steps ``x <- x + h v(x + (h/2) v(x, s), s + h/2)``, ``h = s' - s``, over
-    ``sigmas`` (2 model calls a step; each step rematerialised in the backward pass when
-    ``checkpoint``)."""
-
-    def step(x, inp):
-        s, s_next = inp
-        h = (s_next - s).astype(x.dtype)
-        xm = x + 0.5 * h * velocity(x, s)
-        return x + h * velocity(xm, s + 0.5 * h), None
-
-    if checkpoint:
-        step = jax.checkpoint(step)
-    x, _ = jax.lax.scan(step, x, (sigmas[:-1], sigmas[1:]))
-    return x
+    ``sigmas``: the flow core's solve with ``diffrax.Midpoint()`` (2 model calls a step; each step
+    rematerialised once in the backward pass when ``checkpoint``, see
+    :func:`rfmpc.flow.integrate_grid`)."""
+    return integrate_grid(
+        _NoCond(velocity), x, sigmas, checkpoint=checkpoint, solver=diffrax.Midpoint()
+    )
 
 
 def _controlled_grid(num_steps, shift, dtype):
