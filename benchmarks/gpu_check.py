@@ -490,6 +490,13 @@ def _fmt_bytes(m) -> str:
     return f"{m['bytes'] / 2**30:.2f} GiB ({m['kind']})" if m else "n/a"
 
 
+def _memory_line(section: dict) -> str:
+    return (
+        f"peak memory: rfmpc {_fmt_bytes(section.get('memory_rfmpc'))}; diffusers "
+        f"{_fmt_bytes(section.get('memory_torch'))}"
+    )
+
+
 def _markdown(rec: dict) -> str:
     s = rec["sections"]
     env = s.get("env", {})
@@ -542,11 +549,7 @@ def _markdown(rec: dict) -> str:
                 "time / rfmpc",
             )
             lines += md_table(head, rows)
-            lines += [
-                "",
-                f"peak memory: rfmpc {_fmt_bytes(f.get('memory_rfmpc'))}; diffusers "
-                f"{_fmt_bytes(f.get('memory_torch'))}",
-            ]
+            lines += ["", _memory_line(f)]
         lines += _problems(f)
     g = s.get("generation", {})
     lines += ["", "## Generation (end to end)", ""]
@@ -566,11 +569,7 @@ def _markdown(rec: dict) -> str:
         ]
         head = ("engine", "load s", "warm-up s", "median s", "min s", "n")
         lines += [g["what"], "", *md_table(head, rows)]
-        lines += [
-            "",
-            f"peak memory: rfmpc {_fmt_bytes(g.get('memory_rfmpc'))}; diffusers "
-            f"{_fmt_bytes(g.get('memory_torch'))}",
-        ]
+        lines += ["", _memory_line(g)]
     lines += _problems(g)
     p = s.get("parity", {})
     lines += ["", "## float32 parity with diffusers", ""]
