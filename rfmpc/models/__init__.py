@@ -9,12 +9,20 @@ from rfmpc.models.attention import JointAttention
 from rfmpc.models.configs import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiTConfig
 from rfmpc.models.mmdit import MMDiT
 from rfmpc.models.serialization import load_model, save_model
-from rfmpc.models.transformer import Transformer, load_transformer, save_transformer
+from rfmpc.models.transformer import (
+    CPU_EIGEN_DOTS,
+    Autotuned,
+    Transformer,
+    load_transformer,
+    save_transformer,
+)
 
 __all__ = [
+    "CPU_EIGEN_DOTS",
     "SD3_MEDIUM",
     "SD35_LARGE",
     "SD35_MEDIUM",
+    "Autotuned",
     "JointAttention",
     "MMDiT",
     "MMDiTConfig",

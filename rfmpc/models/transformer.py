@@ -10,8 +10,11 @@ the key maps of ``weights_conversion``.
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +28,9 @@ from rfmpc.models.serialization import is_rfmpc_folder, load_model, save_model
 from rfmpc.sharding import MIN_SHARD_SIZE, shard_params
 
 __all__ = [
+    "CPU_EIGEN_DOTS",
     "KIND",
+    "Autotuned",
     "Transformer",
     "check_dtype",
     "load_transformer",
@@ -78,6 +83,56 @@ def _apply_flat(structure: _Structure, leaves, hidden_states, timestep, context,
 # parameters travel as a flat list of arrays (flattening an nnx.State costs ~0.15 ms a call).
 _apply_jit = jax.jit(_apply_flat, static_argnums=0)
 
+#: XLA:CPU's dots through Eigen instead of XNNPACK (YNN fusions off): faster on some shapes and
+#: CPUs, slower on others (``docs/performance.md``); a candidate of :meth:`Transformer.autotune`.
+CPU_EIGEN_DOTS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+CompilerOptions = tuple[tuple[str, str | bool | int | float], ...]
+
+
+def _options_key(options) -> CompilerOptions:
+    """``options`` (a mapping of XLA flag names to values) as a sorted, hashable tuple."""
+    if options is None:
+        return ()
+    try:
+        items = dict(options).items()
+    except (TypeError, ValueError):
+        raise TypeError(
+            "compiler_options must be a mapping of XLA option names to values, e.g. "
+            f"{CPU_EIGEN_DOTS}, got {type(options).__name__}"
+        ) from None
+    for k, v in items:
+        if not isinstance(k, str) or not isinstance(v, str | bool | int | float):
+            raise TypeError(
+                f"compiler_options: {k!r}: {v!r} is not a str name with a str, bool, int or "
+                "float value"
+            )
+    return tuple(sorted(items))
+
+
+@functools.cache
+def _jit_with(options: CompilerOptions):
+    """The jitted forward compiled with XLA ``options`` (``()``: XLA's defaults)."""
+    if not options:
+        return _apply_jit
+    return jax.jit(_apply_flat, static_argnums=0, compiler_options=dict(options))
+
+
+class Autotuned(NamedTuple):
+    """What :meth:`Transformer.autotune` found.
+
+    Attributes:
+        model: the :class:`Transformer` with the fastest compiler options.
+        options: those options (a sorted tuple of pairs; ``()``: XLA's defaults).
+        median_s: median seconds per call of each candidate that compiled, by its options.
+        failed: the reason each candidate that did not compile failed, by its options.
+    """
+
+    model: Transformer
+    options: CompilerOptions
+    median_s: dict
+    failed: dict
+
 
 @jax.tree_util.register_pytree_node_class
 class Transformer:
@@ -85,6 +140,9 @@ class Transformer:
 
     Calling it runs a ``jax.jit``-compiled forward (compiled once per input shape). It is a
     pytree (leaves: ``params`` and ``buffers``), so it can be passed into jitted functions.
+
+    ``compiler_options`` (XLA flags for the jitted call, e.g. :data:`CPU_EIGEN_DOTS`) change
+    how the call is compiled, never what it computes; :meth:`autotune` picks them by timing.
 
     To change the weights, assign new states (``model.params = new_params``, as loaders, sharding
     and ``jax.tree.map`` over the pytree do): the flattened weights are cached per ``params`` /
@@ -96,13 +154,17 @@ class Transformer:
         graphdef: its nnx graph definition (static structure).
         params: ``nnx.State`` of the trainable parameters (``nnx.Param``).
         buffers: ``nnx.State`` of the other variables (the position table).
+        compiler_options: the XLA options of the jitted call, a sorted tuple of pairs (``()``:
+            XLA's defaults).
     """
 
-    def __init__(self, graphdef, params, buffers, config: MMDiTConfig):
+    def __init__(self, graphdef, params, buffers, config: MMDiTConfig, compiler_options=None):
         self.graphdef = graphdef
         self.params = params
         self.buffers = buffers
         self.config = config
+        self.compiler_options = _options_key(compiler_options)
+        self._jit = _jit_with(self.compiler_options)
         self._flat = None  # (params, buffers, _Structure, leaves) of the last call
 
     def _flat_arguments(self) -> tuple[_Structure, list]:
@@ -169,7 +231,7 @@ class Transformer:
         if timestep.ndim == 0 and hidden_states.ndim >= 1:
             timestep = xp.broadcast_to(timestep, hidden_states.shape[:1])
         structure, leaves = self._flat_arguments()
-        return _apply_jit(
+        return self._jit(
             structure,
             leaves,
             hidden_states,
@@ -196,7 +258,11 @@ class Transformer:
         graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
         cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
         return Transformer(
-            graphdef, jax.tree.map(cast, self.params), jax.tree.map(cast, self.buffers), self.config
+            graphdef,
+            jax.tree.map(cast, self.params),
+            jax.tree.map(cast, self.buffers),
+            self.config,
+            self.compiler_options,
         )
 
     def shard(self, mesh, *, min_size: int = MIN_SHARD_SIZE) -> Transformer:
@@ -204,14 +270,82 @@ class Transformer:
         (:func:`rfmpc.sharding.shard_params`); implements :class:`rfmpc.sharding.Shardable`."""
         return shard_params(self, mesh, min_size=min_size)
 
+    def with_compiler_options(self, options) -> Transformer:
+        """The same weights, called through a jit compiled with XLA ``options`` (a mapping of
+        option names to values; ``None`` or ``{}``: XLA's defaults). Values are unchanged up
+        to the floating-point order the compiler picks."""
+        return Transformer(self.graphdef, self.params, self.buffers, self.config, options)
+
+    def autotune(
+        self,
+        hidden_states: Float[Array, "b h w c"],
+        timestep: Float[Array, " b"] | float,
+        encoder_hidden_states: Float[Array, "b m j"],
+        pooled_projections: Float[Array, "b p"],
+        *,
+        candidates=(None, CPU_EIGEN_DOTS),
+        runs: int = 7,
+        settle_s: float = 0.3,
+    ) -> Autotuned:
+        """Time the call compiled with each of ``candidates`` (XLA option mappings; ``None``:
+        the defaults) on these inputs and return the fastest as an :class:`Autotuned`.
+
+        Each candidate is compiled and called once, all are called round-robin untimed for
+        ``settle_s`` seconds, then timed round-robin, ``runs`` rounds of two back-to-back calls
+        each, the second timed (the first absorbs the slower call that follows a switch); the
+        median decides. A candidate that does not compile is reported in ``Autotuned.failed``
+        and skipped. Costs one compile per candidate, ``settle_s`` seconds and ``2 * runs``
+        forwards each; the choice holds for these shapes on this machine (re-tune for others).
+        Call it outside ``jax.jit``.
+        """
+        if runs < 1:
+            raise ValueError(f"autotune: runs must be >= 1, got {runs}")
+        if not settle_s >= 0:
+            raise ValueError(f"autotune: settle_s must be >= 0 seconds, got {settle_s}")
+        keys = list(dict.fromkeys(_options_key(c) for c in candidates))
+        if not keys:
+            raise ValueError("autotune: candidates is empty; pass at least None (XLA defaults)")
+        args = (hidden_states, timestep, encoder_hidden_states, pooled_projections)
+        if any(isinstance(a, jax.core.Tracer) for a in args):
+            raise TypeError("autotune times real calls: call it outside jax.jit / jax.grad")
+        models, failed = {}, {}
+        for key in keys:
+            m = self.with_compiler_options(key)
+            try:
+                jax.block_until_ready(m(*args))
+            except Exception as e:
+                if not key:  # XLA's defaults failing is the inputs' fault: say so as is
+                    raise
+                failed[key] = f"{type(e).__name__}: {e}"
+                continue
+            models[key] = m
+        if not models:
+            raise RuntimeError(f"autotune: no candidate compiled: {failed}")
+        # Untimed calls for ``settle_s``: after an idle spell (here: the compiles) XLA:CPU's
+        # next calls run slower for a while (~9 calls, 1.5x, after 1 s idle on the 2-core CPU).
+        t_end = time.perf_counter() + settle_s
+        while time.perf_counter() < t_end:
+            for m in models.values():
+                jax.block_until_ready(m(*args))
+        times = {k: [] for k in models}
+        for _ in range(runs):
+            for k, m in models.items():
+                jax.block_until_ready(m(*args))
+                t0 = time.perf_counter()
+                jax.block_until_ready(m(*args))
+                times[k].append(time.perf_counter() - t0)
+        median = {k: float(np.median(t)) for k, t in times.items()}
+        best = min(median, key=median.get)
+        return Autotuned(models[best], best, median, failed)
+
     def tree_flatten(self):
-        return (self.params, self.buffers), (self.graphdef, self.config)
+        return (self.params, self.buffers), (self.graphdef, self.config, self.compiler_options)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        graphdef, config = aux
+        graphdef, config, options = aux
         params, buffers = children
-        return cls(graphdef, params, buffers, config)
+        return cls(graphdef, params, buffers, config, options)
 
     def __repr__(self) -> str:
         n = sum(x.size for x in jax.tree.leaves(self.params))
