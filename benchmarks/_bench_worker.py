@@ -1,8 +1,9 @@
 """Worker side of ``mmdit_speed.py``'s round-robin timing, importable without rfmpc.
 
-A worker builds one engine, warms it up, replies once, then answers each line ``<n>`` on stdin
-with ``n`` timed calls. Replies are JSON lines on stdout prefixed with :data:`REPLY` (libraries
-may print too). This module imports only the standard library and numpy at the top, so the
+A worker builds one engine, warms it up, replies once, then answers each line ``<n> [<s>]`` on
+stdin with ``n`` timed calls, made after untimed settling calls for ``s`` seconds (at least one
+when ``s > 0``). Replies are JSON lines on stdout prefixed with :data:`REPLY` (libraries may
+print too). This module imports only the standard library and numpy at the top, so the
 keras-hub worker can run in an interpreter that has keras-hub but not rfmpc
 (``python benchmarks/_bench_worker.py keras-hub '<json spec>'``).
 """
@@ -36,12 +37,23 @@ def serve(fn, sync, info: dict, out_path: str | None, build_s: float) -> int:
         np.save(out_path, np.asarray(o, np.float32))
     reply({"build_s": build_s, "warmup_s": warmup_s, **info})
     for line in sys.stdin:
+        n, _, settle = line.partition(" ")
+        settle_s = float(settle or 0.0)
+        # Untimed calls until ``settle_s`` has passed: after an idle gap (another engine's
+        # turn) the first calls of a turn can be slower (XLA:CPU's parked worker threads
+        # more than torch's), so every engine gets the same settling before timed calls.
+        settle_times = []
+        t_end = time.perf_counter() + settle_s
+        while settle_s > 0 and (not settle_times or time.perf_counter() < t_end):
+            t0 = time.perf_counter()
+            sync(fn())
+            settle_times.append(time.perf_counter() - t0)
         times = []
-        for _ in range(int(line)):
+        for _ in range(int(n)):
             t0 = time.perf_counter()
             sync(fn())
             times.append(time.perf_counter() - t0)
-        reply({"times_s": times})
+        reply({"times_s": times, "settle_times_s": settle_times})
     return 0
 
 

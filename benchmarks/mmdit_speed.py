@@ -11,13 +11,18 @@ QK-norm, dual attention in blocks 0-1, 32x32x16 latent, 32 text tokens, batch 2,
 How it measures (see :func:`run_all`): every engine runs in its own worker process, built and
 warmed up once (warm-up = first call: XLA / inductor compilation included), then all are timed
 round-robin, ``--per-turn`` calls per turn, until each has ``--runs`` calls (median and min
-reported). rfmpc and diffusers share random weights (saved by diffusers, loaded by rfmpc) and
-their outputs are compared; keras-hub (optional: the ``peers`` extra, or ``--peers-python``
+reported). Each turn opens with untimed calls for ``--settle`` seconds (at least one, same for
+every engine): after an idle gap of >= ~0.15 s, XLA:CPU's first call or two run ~1.4x slower
+(same CPU time, more involuntary context switches; torch shows no such effect; the cause inside
+XLA's thread pool is not pinned down), which timed would measure the turn-taking, not the
+forward; each turn's first call is still reported apart. rfmpc and
+diffusers share random weights (saved by diffusers, loaded by rfmpc) and their outputs are
+compared; keras-hub (optional: the ``peers`` extra, or ``--peers-python``
 pointing at an interpreter that has it) builds the same config with its own random weights.
 Thread counts and the 1-min load average (start, end) are recorded; ``--save`` refuses to write
 a result while the load is above 1.5 per core, unless ``--force``, which marks the file LOADED.
 CPU MFU is computed only against a peak measured in the same run (a 2048^2 float32 ``jnp.dot``
-timed round-robin with the engines), never a vendor figure.
+timed right after the engines, the same way), never a vendor figure.
 
 The older single-engine helpers (:func:`diffusers_model`, :func:`rfmpc_model`,
 :func:`mmdit_forward_flops`, :data:`CASES`) are shared with ``report_measure.py`` and
@@ -284,10 +289,19 @@ def jax_inputs(inp: dict[str, np.ndarray], jdtype, jdev) -> list:
 # computation (no thread pools of its own).
 
 #: Forward engines. ``rfmpc``: ``load_transformer``'s jitted call; ``rfmpc-apply``: the pure
-#: ``Transformer.apply(params, ...)`` under ``jax.jit`` (the path gradients take); ``diffusers``:
-#: eager PyTorch; ``diffusers-compile``: ``torch.compile`` of the same model; ``keras-hub``:
+#: ``Transformer.apply(params, ...)`` under ``jax.jit`` (the path gradients take);
+#: ``rfmpc-autotune``: the jitted call with the compiler options ``Transformer.autotune`` picks
+#: for these inputs when the worker starts (its choice is recorded); ``diffusers``: eager
+#: PyTorch; ``diffusers-compile``: ``torch.compile`` of the same model; ``keras-hub``:
 #: keras-hub's JAX ``MMDiT`` (``peers`` extra), same config, its own random weights.
-FORWARD_ENGINES = ("rfmpc", "rfmpc-apply", "diffusers", "diffusers-compile", "keras-hub")
+FORWARD_ENGINES = (
+    "rfmpc",
+    "rfmpc-apply",
+    "rfmpc-autotune",
+    "diffusers",
+    "diffusers-compile",
+    "keras-hub",
+)
 #: Full-generation engines (``pipeline_speed.make_generator``), prefixed ``gen:`` in records.
 GENERATION_ENGINES = ("rfmpc", "diffusers", "diffusers-compile")
 #: Refuse ``--save`` above this 1-min load average per core (``--force`` marks the file LOADED).
@@ -319,6 +333,14 @@ def _forward_worker(engine: str, case: Case, folder: str):
         if engine == "rfmpc-apply":
             apply = jax.jit(lambda p, b, *a: model.apply(p, *a, buffers=b))
             fn = lambda: apply(model.params, model.buffers, *args)
+        elif engine == "rfmpc-autotune":
+            tuned = model.autotune(*args)
+            info["autotune"] = {
+                "options": dict(tuned.options),
+                "median_ms": {str(dict(k)): 1e3 * v for k, v in tuned.median_s.items()},
+                "failed": {str(dict(k)): v for k, v in tuned.failed.items()},
+            }
+            fn = lambda: tuned.model(*args)
         else:
             fn = lambda: model(*args)
         info["threads"] = _threads_jax()
@@ -406,15 +428,19 @@ class _Worker:
         code = self.proc.wait()
         raise RuntimeError(f"worker {self.label} exited with status {code} (see its stderr)")
 
-    def ask(self, n: int) -> list[float]:
-        self.proc.stdin.write(f"{n}\n")
+    def ask(self, n: int, settle_s: float = 0.0) -> dict:
+        """``n`` timed calls after ``settle_s`` seconds of untimed ones: the worker's reply."""
+        self.proc.stdin.write(f"{n} {settle_s}\n")
         self.proc.stdin.flush()
-        return self.read()["times_s"]
+        return self.read()
 
     def close(self):
         if self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if not f.closed:
+                f.close()
 
 
 def _importable(python: str, module: str, env: dict) -> str | None:
@@ -430,13 +456,19 @@ def _importable(python: str, module: str, env: dict) -> str | None:
     return f"`import {module}` failed under {python}: {last}"
 
 
-def _round_robin(workers: dict, rounds: int, per_turn: int, pause_s: float) -> dict:
+def _round_robin(
+    workers: dict, rounds: int, per_turn: int, pause_s: float, settle_s: float
+) -> tuple[dict, dict]:
+    """Timed calls ``{label: [s, ...]}`` and each turn's first (settling) call's time."""
     times = {k: [] for k in workers}
+    first = {k: [] for k in workers}
     for _ in range(rounds):
         for k, w in workers.items():
-            times[k] += w.ask(per_turn)
+            r = w.ask(per_turn, settle_s)
+            times[k] += r["times_s"]
+            first[k] += r.get("settle_times_s", [])[:1]
             time.sleep(pause_s)  # let the last engine's spinning threads go idle
-    return times
+    return times, first
 
 
 def run_all(args) -> dict:
@@ -464,7 +496,8 @@ def run_all(args) -> dict:
         "python": sys.version.split()[0],
         "method": (
             "each engine in its own worker process, built and warmed up once, then timed "
-            f"round-robin {args.per_turn} call(s) per turn until {args.runs} calls each; "
+            f"round-robin {args.per_turn} call(s) per turn until {args.runs} calls each, "
+            f"each turn opened by untimed calls for {args.settle} s (at least one); "
             "medians and minima of the per-call wall times"
         ),
         "skipped": {},
@@ -493,9 +526,6 @@ def run_all(args) -> dict:
             # benchmarks/ was a package has no regular `benchmarks` package to shadow it)
             env = child_env({**base_env, "PYTHONPATH": ""}, first=[str(Path(path).resolve())])
             specs.append((f"rfmpc@{path}", "fwd:rfmpc", sys.executable, env))
-        if args.mfu:
-            specs.append(("gemm-peak", "fwd:gemm-peak", sys.executable, base_env))
-
         # Shared weights: diffusers saves them, rfmpc loads them (same-weights cases).
         import subprocess
 
@@ -505,6 +535,12 @@ def run_all(args) -> dict:
             env=base_env,
         )
         record["forward"] = _run_section(args, specs, folder, tmp, "fwd", args.runs)
+        peak = None
+        if args.mfu:
+            # Timed on its own, after the engines: interleaved with them, the 2048^2 GEMM's
+            # turns slowed every engine's next turn (all medians up ~25-50% in one run).
+            gemm = [("gemm-peak", "fwd:gemm-peak", sys.executable, base_env)]
+            peak = _run_section(args, gemm, folder, tmp, "fwd", args.runs).get("gemm-peak")
         outs = {k: v.pop("_out") for k, v in record["forward"].items() if "_out" in v}
         ref = outs.get("diffusers")
         if ref is not None and case.same_weights:
@@ -515,11 +551,10 @@ def run_all(args) -> dict:
                     record["forward"][k]["rel_max_err_vs_diffusers"] = err
         flops = mmdit_forward_flops(case.model, case.batch, *case.latent, case.text_tokens)
         record["flops_per_forward"] = flops
-        peak = record["forward"].pop("gemm-peak", None)
         if peak is not None:
             record["peak"] = {
-                "how": f"best time of a {PEAK_GEMM_N}^2 float32 jnp.dot, timed round-robin with "
-                "the engines in this run",
+                "how": f"best time of a {PEAK_GEMM_N}^2 float32 jnp.dot, timed in this run "
+                "right after the engines, with the same turns",
                 "flops_per_s": peak["flops"] / peak["min_s"],
                 "median_flops_per_s": peak["flops"] / peak["median_s"],
             }
@@ -600,9 +635,11 @@ def _run_section(args, specs, folder: Path, tmp: Path, kind: str, runs: int) -> 
             out[label] = {**info, "_out": npy} if npy else info
             print(f"[{kind}] {label}: ready (warm-up {info['warmup_s']:.2f} s)", file=sys.stderr)
         rounds = max(1, -(-runs // args.per_turn))
-        times = _round_robin(workers, rounds, args.per_turn, args.pause)
+        times, first = _round_robin(workers, rounds, args.per_turn, args.pause, args.settle)
         for label, t in times.items():
             out[label].update(summary(t))
+            if first[label]:
+                out[label]["first_call_of_turn_median_s"] = float(np.median(first[label]))
     finally:
         for w in workers.values():
             w.close()
@@ -639,14 +676,19 @@ def _markdown(r: dict) -> str:
         return f"{1e3 * x:.2f}"
 
     def table(rows: dict, ref: str | None, unit: float, fmt) -> list[str]:
-        head = "| engine | threads | warm-up s | median | min | n | time / rfmpc (median) |"
-        lines = [head, "|---|---|---|---|---|---|---|"]
+        head = (
+            "| engine | threads | warm-up s | median | min | n | time / rfmpc (median) "
+            "| first call of a turn (untimed, median) |"
+        )
+        lines = [head, "|---|---|---|---|---|---|---|---|"]
         base = rows.get(ref, {}).get("median_s")
         for k, x in rows.items():
             ratio = f"{x['median_s'] / base:.2f}x" if base else "n/a"
+            first = x.get("first_call_of_turn_median_s")
             lines.append(
                 f"| {k} | {x.get('threads', '')} | {x['warmup_s']:.2f} | "
-                f"{fmt(x['median_s'])} | {fmt(x['min_s'])} | {x['n']} | {ratio} |"
+                f"{fmt(x['median_s'])} | {fmt(x['min_s'])} | {x['n']} | {ratio} | "
+                f"{fmt(first) if first is not None else 'n/a'} |"
             )
         return lines
 
@@ -673,6 +715,17 @@ def _markdown(r: dict) -> str:
         "",
         *table(r["forward"], "rfmpc", 1e3, lambda s: ms(s) + " ms"),
     ]
+    for k, x in r["forward"].items():
+        if "autotune" in x:
+            a = x["autotune"]
+            timed = ", ".join(f"{o}: {t:.2f} ms" for o, t in a["median_ms"].items())
+            lines += [
+                "",
+                f"{k}: `Transformer.autotune` chose compiler options {a['options'] or '{}'} "
+                f"(its own timing at start-up, medians: {timed})"
+                + (f"; failed to compile: {a['failed']}" if a["failed"] else "")
+                + ".",
+            ]
     if "peak" in r:
         p = r["peak"]
         lines += [
@@ -724,7 +777,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=15, help="timed forwards per engine (>= 15)")
     ap.add_argument("--per-turn", type=int, default=3, help="timed calls per round-robin turn")
     ap.add_argument("--pause", type=float, default=0.05, help="seconds between turns")
-    ap.add_argument("--engines", default="rfmpc,rfmpc-apply,diffusers,diffusers-compile,keras-hub")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.1,
+        help="seconds of untimed calls (at least one) that open each turn; 0 for none",
+    )
+    ap.add_argument("--engines", default=",".join(FORWARD_ENGINES))
     ap.add_argument(
         "--baseline-rfmpc",
         action="append",
@@ -756,6 +815,8 @@ def main(argv=None) -> int:
         return 0
     if args.runs < 1 or args.gen_runs < 1 or args.per_turn < 1:
         ap.error("--runs, --gen-runs and --per-turn must be >= 1")
+    if args.settle < 0 or args.pause < 0:
+        ap.error("--settle and --pause must be >= 0 seconds")
     cores = os.cpu_count() or 1
     load = loadavg_1min() or 0.0
     if args.save and load > MAX_LOAD_PER_CORE * cores and not args.force:
