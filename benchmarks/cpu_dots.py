@@ -1,13 +1,16 @@
-"""XLA:CPU's default dots (XNNPACK) against Eigen dots (:data:`rfmpc.models.CPU_EIGEN_DOTS`) on
-the bar MM-DiT across batch sizes and latent sizes, timed by ``Transformer.autotune`` itself.
+"""XLA:CPU's defaults (XNNPACK "YNN" fusions) against Eigen dots
+(:data:`rfmpc.models.CPU_EIGEN_DOTS`) and Eigen dots with YNN reductions
+(:data:`rfmpc.models.CPU_YNN_REDUCTIONS`) on the bar MM-DiT across batch sizes and latent sizes,
+timed by ``Transformer.autotune`` itself (its default candidates).
 
     python -m benchmarks.cpu_dots                         # the shapes of docs/performance.md
     python -m benchmarks.cpu_dots --shapes 2x32,1x64 --runs 9 --json
     python -m benchmarks.cpu_dots --save                  # benchmarks/results/ (idle only)
 
-For each ``BATCHxLATENT`` shape it builds the inputs, runs ``model.autotune(...)`` (both
-compilations; then ``--runs`` interleaved rounds, each candidate two back-to-back calls, the
-second timed) and reports the medians and the speed-up of Eigen dots. One process, the 1-min
+For each ``BATCHxLATENT`` shape it builds the inputs, runs ``model.autotune(...)`` (one
+compilation per candidate, a settling spell, then ``--runs`` interleaved rounds, each candidate
+two back-to-back calls, the second timed) and reports the medians, whether the outputs are
+bit-identical to the default's, and the best candidate's speed-up. One process, the 1-min
 load average recorded at start and end; ``--save`` refuses above 1.5 per core.
 """
 
@@ -44,12 +47,23 @@ def _shapes(text: str) -> list[tuple[int, int]]:
     return out
 
 
+#: column label of each candidate (its options as a sorted tuple)
+LABELS = {
+    (): "XLA default",
+    (("xla_cpu_experimental_ynn_fusion_type", ""),): "Eigen dots",
+    (("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_REDUCE"),): (
+        "Eigen dots + YNN reductions"
+    ),
+}
+
+
 def run(shapes: list[tuple[int, int]], runs: int) -> dict:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from benchmarks.mmdit_speed import CASES, _inputs, jax_inputs, rfmpc_model
-    from rfmpc.models import CPU_EIGEN_DOTS
+    from rfmpc.models import CPU_AUTOTUNE_CANDIDATES
 
     base = CASES["bar"]
     if max(hw for _, hw in shapes) // base.model.patch_size > base.model.pos_embed_max_size:
@@ -58,7 +72,6 @@ def run(shapes: list[tuple[int, int]], runs: int) -> dict:
             "exceeds the bar model's position table"
         )
     model = rfmpc_model(base, jnp.float32)
-    eigen = tuple(sorted(CPU_EIGEN_DOTS.items()))
     record = {
         "benchmark": "cpu_dots",
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -67,22 +80,30 @@ def run(shapes: list[tuple[int, int]], runs: int) -> dict:
         "dtype": "float32",
         "text_tokens": base.text_tokens,
         "runs": runs,
+        "candidates": [LABELS.get(k, str(k)) for k in map(_key, CPU_AUTOTUNE_CANDIDATES)],
         "loadavg_1min": {"start": loadavg_1min()},
         "rows": [],
     }
     for b, hw in shapes:
         case = dataclasses.replace(base, batch=b, latent=(hw, hw))
         args = jax_inputs(_inputs(case), jnp.float32, jax.devices()[0])
-        r = model.autotune(*args, candidates=(None, CPU_EIGEN_DOTS), runs=runs)
+        r = model.autotune(*args, runs=runs)
+        ref = np.asarray(model(*args))
+        same = {
+            LABELS.get(k, str(k)): bool(
+                np.array_equal(np.asarray(model.with_compiler_options(k)(*args)), ref)
+            )
+            for k in r.median_s
+        }
         row = {
             "batch": b,
             "latent": hw,
-            "default_ms": 1e3 * r.median_s[()],
-            "eigen_ms": 1e3 * r.median_s[eigen] if eigen in r.median_s else None,
-            "failed": {str(dict(k)): v for k, v in r.failed.items()},
+            "median_ms": {LABELS.get(k, str(k)): 1e3 * v for k, v in r.median_s.items()},
+            "bit_identical_to_default": same,
+            "best": LABELS.get(r.options, str(r.options)),
+            "best_speedup": r.median_s[()] / r.median_s[r.options],
+            "failed": {LABELS.get(k, str(k)): v for k, v in r.failed.items()},
         }
-        if row["eigen_ms"]:
-            row["eigen_speedup"] = row["default_ms"] / row["eigen_ms"]
         record["rows"].append(row)
         print(f"[cpu_dots] {b}x{hw}: {row}", file=sys.stderr)
     record["loadavg_1min"]["end"] = loadavg_1min()
@@ -91,17 +112,24 @@ def run(shapes: list[tuple[int, int]], runs: int) -> dict:
     return record
 
 
+def _key(options) -> tuple:
+    return tuple(sorted((options or {}).items()))
+
+
 def markdown(r: dict) -> str:
     lo = r["loadavg_1min"]
-    rows = [
-        (
-            f"{x['batch']} x {x['latent']}x{x['latent']}",
-            f"{x['default_ms']:.2f} ms",
-            f"{x['eigen_ms']:.2f} ms" if x["eigen_ms"] else "failed",
-            f"{x['eigen_speedup']:.2f}x" if x.get("eigen_speedup") else "n/a",
+    cands = r["candidates"]
+    rows = []
+    for x in r["rows"]:
+        t = x["median_ms"]
+        rows.append(
+            (
+                f"{x['batch']} x {x['latent']}x{x['latent']}",
+                *(f"{t[c]:.2f} ms" if c in t else "failed" for c in cands),
+                f"{x['best']} ({x['best_speedup']:.2f}x)",
+                "yes" if all(x["bit_identical_to_default"].values()) else "no",
+            )
         )
-        for x in r["rows"]
-    ]
     return "\n".join(
         [
             f"# cpu_dots on {r['device']} ({r['date']})" + (" — LOADED" if r["loaded"] else ""),
@@ -110,7 +138,15 @@ def markdown(r: dict) -> str:
             f"{r['runs']} interleaved timed calls per candidate (`Transformer.autotune`). "
             f"1-min load average {lo['start']:.2f} at start, {lo['end']:.2f} at end.",
             "",
-            *md_table(["batch x latent", "XLA default", "Eigen dots", "Eigen speed-up"], rows),
+            *md_table(
+                [
+                    "batch x latent",
+                    *cands,
+                    "fastest (speed-up vs default)",
+                    "outputs bit-identical",
+                ],
+                rows,
+            ),
         ]
     )
 

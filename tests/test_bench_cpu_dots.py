@@ -15,10 +15,12 @@ def test_shapes_parse_and_bad_ones_say_the_format():
             cpu_dots._shapes(bad)
 
 
-def test_run_times_both_candidates_and_renders():
+def test_run_times_every_candidate_and_renders():
     record = cpu_dots.run([(1, 8)], runs=1)
     (row,) = record["rows"]
-    assert row["default_ms"] > 0 and row["eigen_ms"] > 0 and row["failed"] == {}
-    assert row["eigen_speedup"] == pytest.approx(row["default_ms"] / row["eigen_ms"])
+    assert set(row["median_ms"]) == set(record["candidates"]) == set(cpu_dots.LABELS.values())
+    assert all(t > 0 for t in row["median_ms"].values()) and row["failed"] == {}
+    assert row["best"] in row["median_ms"] and row["best_speedup"] >= 1.0
+    assert set(row["bit_identical_to_default"]) == set(row["median_ms"])
     md = cpu_dots.markdown(record)
-    assert "| 1 x 8x8 |" in md and "load average" in md
+    assert "| 1 x 8x8 |" in md and "load average" in md and "Eigen dots + YNN" in md

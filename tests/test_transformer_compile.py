@@ -71,5 +71,5 @@ def test_autotune_rejects_what_it_cannot_time(model_and_args):
         model.autotune(*args, runs=0)
     with pytest.raises(ValueError, match="candidates is empty"):
         model.autotune(*args, candidates=())
-    with pytest.raises(TypeError, match="outside jax.jit"):
+    with pytest.raises(TypeError, match=r"outside jax\.jit"):
         jax.jit(lambda x: model.autotune(x, *args[1:]).median_s[()])(args[0])

@@ -10,7 +10,9 @@ from rfmpc.models.configs import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiTConfi
 from rfmpc.models.mmdit import MMDiT
 from rfmpc.models.serialization import load_model, save_model
 from rfmpc.models.transformer import (
+    CPU_AUTOTUNE_CANDIDATES,
     CPU_EIGEN_DOTS,
+    CPU_YNN_REDUCTIONS,
     Autotuned,
     Transformer,
     load_transformer,
@@ -18,7 +20,9 @@ from rfmpc.models.transformer import (
 )
 
 __all__ = [
+    "CPU_AUTOTUNE_CANDIDATES",
     "CPU_EIGEN_DOTS",
+    "CPU_YNN_REDUCTIONS",
     "SD3_MEDIUM",
     "SD35_LARGE",
     "SD35_MEDIUM",

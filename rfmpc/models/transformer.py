@@ -28,7 +28,9 @@ from rfmpc.models.serialization import is_rfmpc_folder, load_model, save_model
 from rfmpc.sharding import MIN_SHARD_SIZE, shard_params
 
 __all__ = [
+    "CPU_AUTOTUNE_CANDIDATES",
     "CPU_EIGEN_DOTS",
+    "CPU_YNN_REDUCTIONS",
     "KIND",
     "Autotuned",
     "Transformer",
@@ -83,9 +85,15 @@ def _apply_flat(structure: _Structure, leaves, hidden_states, timestep, context,
 # parameters travel as a flat list of arrays (flattening an nnx.State costs ~0.15 ms a call).
 _apply_jit = jax.jit(_apply_flat, static_argnums=0)
 
-#: XLA:CPU's dots through Eigen instead of XNNPACK (YNN fusions off): faster on some shapes and
-#: CPUs, slower on others (``docs/performance.md``); a candidate of :meth:`Transformer.autotune`.
+#: XLA:CPU with its XNNPACK ("YNN") fusions off: dots through Eigen, reductions by XLA's own
+#: emitter. Faster on some shapes and CPUs, slower on others (``docs/performance.md``).
 CPU_EIGEN_DOTS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+#: XLA:CPU with YNN fusions for reductions only: dots through Eigen, reductions through YNN.
+CPU_YNN_REDUCTIONS: dict[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"
+}
+#: What :meth:`Transformer.autotune` tries by default: XLA's defaults and the two above.
+CPU_AUTOTUNE_CANDIDATES = (None, CPU_EIGEN_DOTS, CPU_YNN_REDUCTIONS)
 
 CompilerOptions = tuple[tuple[str, str | bool | int | float], ...]
 
@@ -283,7 +291,7 @@ class Transformer:
         encoder_hidden_states: Float[Array, "b m j"],
         pooled_projections: Float[Array, "b p"],
         *,
-        candidates=(None, CPU_EIGEN_DOTS),
+        candidates=CPU_AUTOTUNE_CANDIDATES,
         runs: int = 7,
         settle_s: float = 0.3,
     ) -> Autotuned:
