@@ -603,6 +603,30 @@ def run_all(args) -> dict:
     return record
 
 
+def paired_ratio(times: list[float], ref: list[float], per_turn: int, seed: int = 0) -> dict:
+    """``times`` over ``ref`` (seconds per call, same round-robin), paired by round.
+
+    Round ``i`` holds calls ``[i * per_turn, (i + 1) * per_turn)`` of each list; its ratio is
+    the ratio of the two medians in that round, so a slow spell of the machine that hits both
+    engines in one round cancels out. Returns the median ratio over the rounds and a 95%
+    percentile-bootstrap interval of that median (10000 resamples of the rounds, ``seed``).
+    """
+    n = min(len(times), len(ref)) // per_turn
+    if n < 2:
+        raise ValueError(f"paired_ratio needs >= 2 rounds of {per_turn} calls, got {n}")
+    ratios = np.array(
+        [
+            np.median(times[i * per_turn : (i + 1) * per_turn])
+            / np.median(ref[i * per_turn : (i + 1) * per_turn])
+            for i in range(n)
+        ]
+    )
+    rng = np.random.default_rng(seed)
+    boots = np.median(ratios[rng.integers(0, n, size=(10_000, n))], axis=1)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return {"median": float(np.median(ratios)), "ci95": [float(lo), float(hi)], "rounds": n}
+
+
 def _run_section(args, specs, folder: Path, tmp: Path, kind: str, runs: int) -> dict:
     workers, out = {}, {}
     try:
@@ -636,10 +660,13 @@ def _run_section(args, specs, folder: Path, tmp: Path, kind: str, runs: int) -> 
             print(f"[{kind}] {label}: ready (warm-up {info['warmup_s']:.2f} s)", file=sys.stderr)
         rounds = max(1, -(-runs // args.per_turn))
         times, first = _round_robin(workers, rounds, args.per_turn, args.pause, args.settle)
+        ref = next((t for k, t in times.items() if k == "rfmpc"), None)
         for label, t in times.items():
             out[label].update(summary(t))
             if first[label]:
                 out[label]["first_call_of_turn_median_s"] = float(np.median(first[label]))
+            if ref is not None and rounds >= 2:
+                out[label]["paired_ratio_vs_rfmpc"] = paired_ratio(t, ref, args.per_turn)
     finally:
         for w in workers.values():
             w.close()
@@ -678,16 +705,18 @@ def _markdown(r: dict) -> str:
     def table(rows: dict, ref: str | None, unit: float, fmt) -> list[str]:
         head = (
             "| engine | threads | warm-up s | median | min | n | time / rfmpc (median) "
-            "| first call of a turn (untimed, median) |"
+            "| paired by round, 95% CI | first call of a turn (untimed, median) |"
         )
-        lines = [head, "|---|---|---|---|---|---|---|---|"]
+        lines = [head, "|---|---|---|---|---|---|---|---|---|"]
         base = rows.get(ref, {}).get("median_s")
         for k, x in rows.items():
             ratio = f"{x['median_s'] / base:.2f}x" if base else "n/a"
+            p = x.get("paired_ratio_vs_rfmpc")
+            paired = f"{p['median']:.2f}x [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "n/a"
             first = x.get("first_call_of_turn_median_s")
             lines.append(
                 f"| {k} | {x.get('threads', '')} | {x['warmup_s']:.2f} | "
-                f"{fmt(x['median_s'])} | {fmt(x['min_s'])} | {x['n']} | {ratio} | "
+                f"{fmt(x['median_s'])} | {fmt(x['min_s'])} | {x['n']} | {ratio} | {paired} | "
                 f"{fmt(first) if first is not None else 'n/a'} |"
             )
         return lines

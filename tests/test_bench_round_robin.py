@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from benchmarks import mmdit_speed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +56,15 @@ def test_settling_calls_are_untimed_and_absorb_the_cold_call():
     finally:
         for w in workers.values():
             w.close()
+
+
+def test_paired_ratio_cancels_a_slow_round_and_brackets_its_median():
+    ref = [1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 1.0, 1.1, 0.9, 1.0, 1.0, 1.0]  # round 2 is slow for both
+    eng = [1.2 * t for t in ref]
+    r = mmdit_speed.paired_ratio(eng, ref, per_turn=3)
+    assert r["rounds"] == 4 and r["median"] == pytest.approx(1.2)
+    assert r["ci95"][0] == pytest.approx(1.2) and r["ci95"][1] == pytest.approx(1.2)
+    noisy = mmdit_speed.paired_ratio([1.0, 2.0, 1.5, 1.1], [1.0] * 4, per_turn=1)
+    assert noisy["ci95"][0] <= noisy["median"] <= noisy["ci95"][1]
+    with pytest.raises(ValueError, match=">= 2 rounds"):
+        mmdit_speed.paired_ratio([1.0, 1.0], [1.0, 1.0], per_turn=2)
