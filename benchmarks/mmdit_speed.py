@@ -660,13 +660,15 @@ def _run_section(args, specs, folder: Path, tmp: Path, kind: str, runs: int) -> 
             print(f"[{kind}] {label}: ready (warm-up {info['warmup_s']:.2f} s)", file=sys.stderr)
         rounds = max(1, -(-runs // args.per_turn))
         times, first = _round_robin(workers, rounds, args.per_turn, args.pause, args.settle)
-        ref = next((t for k, t in times.items() if k == "rfmpc"), None)
+        refs = [k for k in ("rfmpc", "rfmpc-autotune") if k in times] if rounds >= 2 else []
         for label, t in times.items():
             out[label].update(summary(t))
             if first[label]:
                 out[label]["first_call_of_turn_median_s"] = float(np.median(first[label]))
-            if ref is not None and rounds >= 2:
-                out[label]["paired_ratio_vs_rfmpc"] = paired_ratio(t, ref, args.per_turn)
+            if refs:
+                out[label]["paired_ratio_vs"] = {
+                    r: paired_ratio(t, times[r], args.per_turn) for r in refs if r != label
+                }
     finally:
         for w in workers.values():
             w.close()
@@ -698,6 +700,10 @@ def _build_pipeline(folder: str, case_name: str) -> None:
     build_tiny_sd3_pipeline(folder, seed=0, transformer_overrides={k: c[k] for k in keep})
 
 
+def _ci(p: dict) -> str:
+    return f"{p['median']:.2f}x [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
+
+
 def _markdown(r: dict) -> str:
     def ms(x):
         return f"{1e3 * x:.2f}"
@@ -711,8 +717,8 @@ def _markdown(r: dict) -> str:
         base = rows.get(ref, {}).get("median_s")
         for k, x in rows.items():
             ratio = f"{x['median_s'] / base:.2f}x" if base else "n/a"
-            p = x.get("paired_ratio_vs_rfmpc")
-            paired = f"{p['median']:.2f}x [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p else "n/a"
+            p = x.get("paired_ratio_vs", {}).get(ref) if k != ref else None
+            paired = _ci(p) if p else ("1.00x" if k == ref else "n/a")
             first = x.get("first_call_of_turn_median_s")
             lines.append(
                 f"| {k} | {x.get('threads', '')} | {x['warmup_s']:.2f} | "
@@ -744,6 +750,19 @@ def _markdown(r: dict) -> str:
         "",
         *table(r["forward"], "rfmpc", 1e3, lambda s: ms(s) + " ms"),
     ]
+    fwd = r["forward"]
+    peers = [k for k in ("diffusers", "diffusers-compile", "keras-hub") if k in fwd]
+    if "rfmpc-autotune" in fwd and peers:
+        lines += [
+            "",
+            "Each peer's time over `rfmpc-autotune`'s, paired by round (95% CI): "
+            + ", ".join(
+                f"{k} {_ci(fwd[k]['paired_ratio_vs']['rfmpc-autotune'])}"
+                for k in peers
+                if "rfmpc-autotune" in fwd[k].get("paired_ratio_vs", {})
+            )
+            + ".",
+        ]
     for k, x in r["forward"].items():
         if "autotune" in x:
             a = x["autotune"]
