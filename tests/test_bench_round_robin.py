@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from benchmarks import mmdit_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A fake engine: call i sleeps 30 ms when it is the first of a turn (after an idle gap
-# longer than 20 ms), 2 ms otherwise -- the cold-first-call pattern the settling absorbs.
+# A fake engine: a call sleeps 300 ms when it is the first of a turn (after an idle gap longer
+# than 250 ms), 2 ms otherwise -- the cold-first-call pattern the settling absorbs. The gaps
+# are long so that a loaded CI machine descheduling the worker does not fake a cold call.
 FAKE = textwrap.dedent(
     """
     import time
@@ -24,7 +26,7 @@ FAKE = textwrap.dedent(
 
     def fn():
         gap = time.perf_counter() - last[0]
-        time.sleep(0.03 if gap > 0.02 else 0.002)
+        time.sleep(0.3 if gap > 0.25 else 0.002)
         last[0] = time.perf_counter()
 
     raise SystemExit(_bench_worker.serve(fn, lambda x: x, {"threads": 1}, None, 0.0))
@@ -41,18 +43,19 @@ def _worker(label: str) -> mmdit_speed._Worker:
 
 def test_settling_calls_are_untimed_and_absorb_the_cold_call():
     workers = {"a": _worker("a"), "b": _worker("b")}
+    time.sleep(0.4)  # both idle long enough that each one's first turn opens cold
     try:
-        times, first = mmdit_speed._round_robin(workers, 2, 3, pause_s=0.05, settle_s=0.01)
+        times, first = mmdit_speed._round_robin(workers, 2, 3, pause_s=0.4, settle_s=0.01)
         assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6}
         # every timed call is warm; every turn's first (settling) call was cold
-        assert all(t < 0.02 for v in times.values() for t in v), times
+        assert all(t < 0.25 for v in times.values() for t in v), times
         assert {k: len(v) for k, v in first.items()} == {"a": 2, "b": 2}
-        assert all(t >= 0.03 for v in first.values() for t in v), first
+        assert all(t >= 0.3 for v in first.values() for t in v), first
 
         # without settling the cold call is timed, once per turn
-        times, first = mmdit_speed._round_robin(workers, 2, 3, pause_s=0.05, settle_s=0.0)
+        times, first = mmdit_speed._round_robin(workers, 2, 3, pause_s=0.4, settle_s=0.0)
         assert first == {"a": [], "b": []}
-        assert sum(t >= 0.03 for t in times["a"]) == 2, times
+        assert sum(t >= 0.3 for t in times["a"]) == 2, times
     finally:
         for w in workers.values():
             w.close()
